@@ -1,0 +1,22 @@
+"""fastkern: Numba-JIT, parallel CPU kernels for deep learning.
+
+NumPy arrays in, NumPy arrays out. Every op has its backward beside it.
+"""
+from .threads import get_num_threads, set_num_threads, threads  # noqa: F401
+from .gemm import matmul  # noqa: F401
+
+# --- conv (conv.py) ---
+
+# --- pooling (pool.py) ---
+
+# --- activations (activations.py) ---
+
+# --- losses (losses.py) ---
+
+# --- linear, batch norm, dropout, regularization (linear.py, norm.py, regularization.py) ---
+
+# --- optimizer update kernels (optim.py) ---
+
+from ._warmup import warmup  # noqa: F401,E402
+
+__version__ = "0.1.0"

@@ -1,0 +1,20 @@
+"""Ahead-of-time compilation of fastkern's kernels."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def warmup(dtypes=("float32",)) -> float:
+    """Compile (or load from cache) the kernels for ``dtypes``; return the seconds it took."""
+    from . import gemm
+
+    t0 = time.perf_counter()
+    for name in dtypes:
+        dt = np.dtype(name)
+        if dt not in (np.float32, np.float64):
+            raise ValueError(f"warmup dtypes must be float32 or float64, got {name!r}")
+        a = np.ones((3, 3), dt)
+        gemm.matmul(a, a)
+    return time.perf_counter() - t0
