@@ -14,6 +14,7 @@ from .gemm import matmul  # noqa: F401
 # --- losses (losses.py) ---
 
 # --- linear, batch norm, dropout, regularization (linear.py, norm.py, regularization.py) ---
+from .linear import linear, linear_backward  # noqa: F401,E402
 
 # --- optimizer update kernels (optim.py) ---
 

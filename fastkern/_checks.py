@@ -104,3 +104,27 @@ def check_labels(labels, n: int, num_classes: int, name: str = "labels") -> np.n
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
     return np.ascontiguousarray(labels, dtype=np.int64)
+
+
+def check_shape(x: np.ndarray, shape, name: str, expected_from: str = "") -> np.ndarray:
+    """``x`` has exactly ``shape``; ``expected_from`` says where that shape comes from."""
+    if x.shape != tuple(shape):
+        why = f" ({expected_from})" if expected_from else ""
+        raise ValueError(f"{name} has shape {x.shape}, expected {tuple(shape)}{why}")
+    return x
+
+
+def check_vector(v, name: str, n: int, what: str = "") -> np.ndarray:
+    """A float 1-D array of length ``n`` (per-channel / per-feature parameters)."""
+    check_array(v, name, 1)
+    if v.shape[0] != n:
+        why = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have length {n}{why}, got shape {v.shape}")
+    return v
+
+
+def check_writeable(x: np.ndarray, name: str) -> np.ndarray:
+    """Arrays a kernel updates in place must be writeable."""
+    if not x.flags.writeable:
+        raise ValueError(f"{name} is read-only but is updated in place")
+    return x
