@@ -1,6 +1,10 @@
 # Two commands do everything on a fresh Linux machine with python3 and make:
 #   make train   -> .venv, install, train the default demo on the embedded digits data
 #   make test    -> .venv, install with the test extra, run pytest
+# and the asv suite (README "Tracking performance"):
+#   make bench [BENCH=regex]                  quick run of the working tree
+#   make bench-compare BASE=rev [BENCH=regex] fails when a benchmark slows by > FACTOR
+#   make bench-report [SERVE=1]               offline dashboard in .asv/html
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -30,6 +34,44 @@ train: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# --- asv --------------------------------------------------------------------
+ASV    := $(VENV)/bin/asv
+# Regex of benchmark names (asv --bench); empty runs the whole suite.
+BENCH  ?=
+# Revisions compared by bench-compare (any git revision: branch, tag, sha).
+BASE   ?= main
+HEAD   ?= HEAD
+# A benchmark that got slower by more than FACTOR fails bench-compare. The
+# suite's noise on a shared 2-core machine is measured in README.md.
+FACTOR ?= 1.25
+# Timing runs take this lock so that runs from several checkouts do not
+# share the cores; empty when flock is missing.
+BENCH_LOCK ?= $(if $(shell command -v flock),flock /tmp/fastkern-bench.lock)
+ASV_BENCH := $(if $(BENCH),--bench "$(BENCH)")
+
+$(HOME)/.asv-machine.json: | install
+	$(ASV) machine --yes >/dev/null
+
+bench: install | $(HOME)/.asv-machine.json
+	$(BENCH_LOCK) $(ASV) run --python=same --quick --show-stderr $(ASV_BENCH)
+
+# Builds BASE and HEAD into virtualenvs under .asv/env (numba and numpy are
+# installed once per environment), runs both, prints the changed benchmarks
+# and exits non-zero when one got slower by more than FACTOR. Rounds of the
+# two commits alternate, so machine noise hits both alike.
+bench-compare: install | $(HOME)/.asv-machine.json
+	$(BENCH_LOCK) $(ASV) continuous --factor $(FACTOR) --interleave-rounds --split \
+	    --show-stderr $(ASV_BENCH) $(BASE) $(HEAD)
+
+# Static pages from every result in .asv/results, with jQuery, flot and
+# bootstrap copied next to them (fetched once from npm into .asv/vendor), so
+# .asv/html/index.html renders without network access.
+bench-report: install
+	$(ASV) publish
+	$(PY) tools/asv_offline.py .asv/html
+	@echo "dashboard: .asv/html/index.html (serve it: make bench-report SERVE=1)"
+	$(if $(SERVE),$(ASV) preview)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
