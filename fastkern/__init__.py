@@ -10,8 +10,16 @@ from .gemm import matmul  # noqa: F401
 # --- pooling (pool.py) ---
 
 # --- activations (activations.py) ---
+from .activations import (  # noqa: F401,E402
+    bias_relu, bias_relu_backward, leaky_relu, leaky_relu_backward, log_softmax,
+    log_softmax_backward, relu, relu_backward, sigmoid, sigmoid_backward, softmax,
+    softmax_backward, tanh, tanh_backward,
+)
 
 # --- losses (losses.py) ---
+from .losses import (  # noqa: F401,E402
+    binary_cross_entropy_with_logits, mse_loss, nll_loss, softmax_cross_entropy,
+)
 
 # --- linear, batch norm, dropout, regularization (linear.py, norm.py, regularization.py) ---
 from .linear import linear, linear_backward  # noqa: F401,E402
