@@ -6,6 +6,10 @@ from .threads import get_num_threads, set_num_threads, threads  # noqa: F401
 from .gemm import matmul  # noqa: F401
 
 # --- conv (conv.py) ---
+from .conv import (  # noqa: F401,E402
+    conv1d, conv1d_backward, conv2d, conv2d_backward, conv3d, conv3d_backward,
+)
+from .im2col import col2im, im2col  # noqa: F401,E402
 
 # --- pooling (pool.py) ---
 

@@ -1,0 +1,355 @@
+"""Convolutions and im2col/col2im against a naive NumPy reference, finite differences and torch."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastkern
+from fastkern import conv as conv_mod
+from fastkern.testing import gradcheck
+
+FWD = {1: fastkern.conv1d, 2: fastkern.conv2d, 3: fastkern.conv3d}
+BWD = {1: fastkern.conv1d_backward, 2: fastkern.conv2d_backward, 3: fastkern.conv3d_backward}
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------
+# Independent reference: explicit zero padding, one strided window per kernel tap
+
+
+def _pads(padding, kernel, dilation, nd):
+    if padding == "valid":
+        return [(0, 0)] * nd
+    if padding == "same":
+        tot = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return [(t // 2, t - t // 2) for t in tot]
+    p = (padding,) * nd if isinstance(padding, int) else padding
+    return [(q, q) for q in p]
+
+
+def naive_conv(x, w, b, stride, padding, dilation, groups):
+    nd = x.ndim - 2
+    kernel = w.shape[2:]
+    stride = (stride,) * nd if isinstance(stride, int) else stride
+    dilation = (dilation,) * nd if isinstance(dilation, int) else dilation
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + _pads(padding, kernel, dilation, nd))
+    out = [(xp.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    n, c = x.shape[:2]
+    co, cg = w.shape[:2]
+    mg = co // groups
+    y = np.zeros((n, co, *out))
+    for tap in np.ndindex(*kernel):
+        sl = tuple(
+            slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out)
+        )
+        win = xp[(slice(None), slice(None)) + sl]  # (N, C, *out)
+        for g in range(groups):
+            wt = w[g * mg:(g + 1) * mg, :, *tap].astype(np.float64)  # (mg, cg)
+            y[:, g * mg:(g + 1) * mg] += np.tensordot(wt, win[:, g * cg:(g + 1) * cg], axes=([1], [1])).swapaxes(0, 1)
+    if b is not None:
+        y += b.reshape((1, co) + (1,) * nd)
+    return y
+
+
+# ---------------------------------------------------------------------------
+# Random cases
+
+
+@st.composite
+def conv_cases(draw, nd=None, max_batch=4):
+    nd = draw(st.integers(1, 3)) if nd is None else nd
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg = draw(st.integers(1, 3))
+    depthwise = draw(st.booleans()) and groups > 1
+    mg = 1 if depthwise else draw(st.integers(1, 3))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    kernel = tuple(draw(st.integers(1, 3 if nd == 3 else 4)) for _ in range(nd))
+    padding = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if padding == "same":
+        stride = (1,) * nd
+    elif padding == "int":
+        padding = draw(st.integers(0, 2))
+    elif padding == "tuple":
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    max_size = {1: 12, 2: 9, 3: 6}[nd]
+    size = tuple(
+        draw(st.integers(d * (k - 1) + 1, max(d * (k - 1) + 1, max_size))) for k, d in zip(kernel, dilation)
+    )
+    n = draw(st.integers(1, max_batch))
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(nd=nd, n=n, c=cg * groups, size=size, co=mg * groups, kernel=kernel, stride=stride,
+                padding=padding, dilation=dilation, groups=groups, dtype=dtype, bias=bias, seed=seed)
+
+
+def make_arrays(case):
+    rng = np.random.default_rng(case["seed"])
+    dt = case["dtype"]
+    x = rng.standard_normal((case["n"], case["c"]) + case["size"]).astype(dt)
+    w = rng.standard_normal((case["co"], case["c"] // case["groups"]) + case["kernel"]).astype(dt)
+    b = rng.standard_normal(case["co"]).astype(dt) if case["bias"] else None
+    return x, w, b
+
+
+def conv_args(case):
+    return dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+
+
+def tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# Forward against the naive reference; backward against the adjoint identity
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(conv_cases())
+def test_forward_matches_naive_reference(case):
+    x, w, b = make_arrays(case)
+    y = FWD[case["nd"]](x, w, b, **conv_args(case))
+    ref = naive_conv(x, w, b, **conv_args(case))
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, **tol(case["dtype"]))
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(conv_cases())
+def test_backward_is_the_adjoint_of_forward(case):
+    # <dy, conv(x, w)> is bilinear in x and w: its gradients are exact inner-product identities,
+    # checked here on random shapes (finite differences below use fixed small ones).
+    x, w, b = make_arrays(case)
+    args = conv_args(case)
+    y = naive_conv(x, w, None, **args)
+    gy = np.random.default_rng(case["seed"] + 1).standard_normal(y.shape).astype(case["dtype"])
+    dx, dw, db = BWD[case["nd"]](gy, x, w, **args)
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (w.shape[0],)
+    rng = np.random.default_rng(case["seed"] + 2)
+    u = rng.standard_normal(x.shape)
+    v = rng.standard_normal(w.shape)
+    lhs_x = np.sum(gy * naive_conv(u, w, None, **args))
+    lhs_w = np.sum(gy * naive_conv(x, v, None, **args))
+    scale = np.sqrt(gy.size * max(1, w[0].size)) * 10
+    t = 1e-4 if case["dtype"] == np.float32 else 1e-10
+    assert abs(np.sum(dx * u) - lhs_x) <= t * scale * (1 + np.abs(gy).max())
+    assert abs(np.sum(dw * v) - lhs_w) <= t * scale * (1 + np.abs(gy).max()) * (1 + np.abs(x).max())
+    np.testing.assert_allclose(db, gy.reshape(gy.shape[0], gy.shape[1], -1).sum(axis=(0, 2)), **tol(case["dtype"]))
+
+
+GRAD_CASES = [
+    dict(nd=1, n=2, c=2, size=(7,), co=3, kernel=(3,), stride=(2,), padding=1, dilation=(1,), groups=1),
+    dict(nd=1, n=1, c=4, size=(6,), co=4, kernel=(2,), stride=(1,), padding="same", dilation=(2,), groups=4),
+    dict(nd=2, n=2, c=2, size=(5, 4), co=3, kernel=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(1, 1), groups=1),
+    dict(nd=2, n=1, c=4, size=(5, 5), co=2, kernel=(2, 2), stride=(1, 1), padding="same", dilation=(2, 1), groups=2),
+    dict(nd=3, n=1, c=2, size=(3, 4, 3), co=2, kernel=(2, 2, 2), stride=(1, 2, 1), padding=1, dilation=(1, 1, 1), groups=2),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c['nd']}d-g{c['groups']}-{c['padding']}")
+def test_backward_matches_finite_differences(case):
+    case = dict(case, dtype=np.float64, bias=True, seed=3)
+    x, w, b = make_arrays(case)
+    args = conv_args(case)
+    nd = case["nd"]
+
+    def f(x, w, b):
+        return FWD[nd](x, w, b, **args)
+
+    def backward(gy, x, w, b):
+        return BWD[nd](gy, x, w, **args)
+
+    assert gradcheck(f, [x, w, b], backward, atol=1e-6, rtol=1e-5)
+
+
+def test_backward_without_bias_grad_returns_none():
+    x = np.ones((1, 2, 5, 5))
+    w = np.ones((3, 2, 3, 3))
+    dx, dw, db = fastkern.conv2d_backward(np.ones((1, 3, 3, 3)), x, w, bias_grad=False)
+    assert db is None and dx.shape == x.shape and dw.shape == w.shape
+
+
+def test_row_tiles_and_single_sample_split_agree_with_reference(monkeypatch):
+    # Tiny tiles force the banded path (output rows split over tiles and threads).
+    monkeypatch.setattr(conv_mod, "_TILE_BYTES", 256)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 4, 9, 11))
+    w = rng.standard_normal((6, 2, 3, 3))
+    b = rng.standard_normal(6)
+    args = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+    y = fastkern.conv2d(x, w, b, **args)
+    np.testing.assert_allclose(y, naive_conv(x, w, b, **args), rtol=1e-10, atol=1e-10)
+    gy = rng.standard_normal(y.shape)
+    dx, dw, db = fastkern.conv2d_backward(gy, x, w, **args)
+    monkeypatch.setattr(conv_mod, "_TILE_BYTES", 1 << 20)
+    dx2, dw2, db2 = fastkern.conv2d_backward(gy, x, w, **args)
+    np.testing.assert_allclose(dx, dx2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, db2, rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_inputs_and_deterministic_results():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 5, 8, 9)).astype(np.float32)[:, ::2, :, ::-1]
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32).transpose(0, 1, 3, 2)
+    y = fastkern.conv2d(x, w, padding=1)
+    np.testing.assert_allclose(y, naive_conv(x, w, None, 1, 1, 1, 1), rtol=1e-4, atol=1e-4)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    first = fastkern.conv2d_backward(gy, x, w, padding=1)
+    second = fastkern.conv2d_backward(gy, x, w, padding=1)
+    for a, b in zip(first, second):
+        assert np.array_equal(a, b)
+
+
+def test_workspace_is_reused_and_bounded():
+    x = np.ones((4, 3, 10, 10), np.float32)
+    w = np.ones((5, 3, 3, 3), np.float32)
+    fastkern.conv2d(x, w)
+    ws = conv_mod._workspaces[np.dtype(np.float32)]
+    fastkern.conv2d(x, w)
+    assert conv_mod._workspaces[np.dtype(np.float32)] is ws
+    assert 0 < conv_mod.workspace_bytes() <= conv_mod._MAX_WORKSPACE_BYTES
+    assert conv_mod.peak_workspace_bytes() >= conv_mod.workspace_bytes()
+
+
+# ---------------------------------------------------------------------------
+# torch as an oracle (forward and autograd)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(conv_cases())
+def test_forward_and_gradients_match_torch(case):
+    torch = pytest.importorskip("torch")
+    x, w, b = make_arrays(case)
+    args = conv_args(case)
+    nd = case["nd"]
+    tf = getattr(torch.nn.functional, f"conv{nd}d")
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True) if b is not None else None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch notes its own zero-padded copy for even 'same' kernels
+        yt = tf(xt, wt, bt, **args)
+    y = FWD[nd](x, w, b, **args)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **tol(case["dtype"]))
+    gy = np.random.default_rng(case["seed"]).standard_normal(y.shape).astype(case["dtype"])
+    yt.backward(torch.tensor(gy))
+    dx, dw, db = BWD[nd](gy, x, w, **args, bias_grad=b is not None)
+    t = dict(rtol=1e-3, atol=1e-3) if case["dtype"] == np.float32 else tol(np.float64)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **t)
+    np.testing.assert_allclose(dw, wt.grad.numpy(), **t)
+    if b is not None:
+        np.testing.assert_allclose(db, bt.grad.numpy(), **t)
+    else:
+        assert db is None
+
+
+def test_im2col_and_col2im_match_torch_unfold_and_fold():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 7, 8))
+    args = dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    cols = fastkern.im2col(x, **args)
+    ref = torch.nn.functional.unfold(torch.tensor(x), **args).numpy()
+    np.testing.assert_array_equal(cols, ref)
+    c = rng.standard_normal(cols.shape)
+    back = fastkern.col2im(c, (7, 8), **args)
+    np.testing.assert_allclose(back, torch.nn.functional.fold(torch.tensor(c), (7, 8), **args).numpy(), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# im2col / col2im properties
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(conv_cases())
+def test_col2im_is_the_adjoint_of_im2col(case):
+    x, _, _ = make_arrays(case)
+    if isinstance(case["padding"], str):
+        case = dict(case, padding=0)
+    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
+                dilation=case["dilation"])
+    cols = fastkern.im2col(x, **args)
+    c = np.random.default_rng(case["seed"]).standard_normal(cols.shape).astype(x.dtype)
+    back = fastkern.col2im(c, x.shape[2:], **args)
+    assert back.shape == x.shape and back.dtype == x.dtype
+    lhs, rhs = np.vdot(cols.astype(np.float64), c), np.vdot(x.astype(np.float64), back)
+    assert abs(lhs - rhs) <= (1e-3 if x.dtype == np.float32 else 1e-9) * (1 + abs(lhs)) * np.sqrt(cols.size)
+
+
+def test_im2col_columns_are_the_kernel_windows():
+    # Each column, reshaped (C, *kernel), is the zero-padded input window at that output position.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 4, 5, 6))
+    k, s, p, d = (2, 3, 2), (1, 2, 2), (1, 0, 1), (2, 1, 1)
+    cols = fastkern.im2col(x, k, s, p, d)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in p])
+    out = [(xp.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)]
+    assert cols.shape == (2, 3 * 12, int(np.prod(out)))
+    for j, o in enumerate(np.ndindex(*out)):
+        sl = tuple(slice(o[i] * s[i], o[i] * s[i] + d[i] * (k[i] - 1) + 1, d[i]) for i in range(3))
+        np.testing.assert_array_equal(cols[:, :, j], xp[(slice(None), slice(None)) + sl].reshape(2, -1))
+
+
+def test_col2im_counts_overlaps():
+    # Folding all-ones columns counts how many windows cover each pixel.
+    cols = fastkern.im2col(np.ones((1, 1, 5)), 3, padding=1)
+    np.testing.assert_array_equal(fastkern.col2im(np.ones_like(cols), 5, 3, padding=1)[0, 0], [2, 3, 3, 3, 2])
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def _x(*shape, dt=np.float32):
+    return np.zeros(shape, dt)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda: fastkern.conv2d(_x(2, 3, 5), _x(4, 3, 3, 3)), ValueError, ["x", "4-D", "(2, 3, 5)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3)), ValueError, ["weight", "(4, 3, 3)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 2, 3, 3)), ValueError, ["3 channels", "(4, 2, 3, 3)"]),
+        (lambda: fastkern.conv2d(_x(1, 4, 5, 5), _x(3, 2, 3, 3), groups=2), ValueError, ["3", "groups=2"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(3, 3, 3, 3), groups=0), ValueError, ["groups", "0"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 2, 5), _x(4, 3, 3, 3)), ValueError, ["(3, 3)", "(2, 5)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), dilation=3), ValueError, ["(7, 7)", "larger"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=0), ValueError, ["stride", "(0, 0)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=(1, -2)), ValueError, ["stride", "-2"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), dilation=(0, 1)), ValueError, ["dilation", "(0, 1)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding=-1), ValueError, ["padding", "-1"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding=(1, 2, 3)), TypeError, ["padding", "(1, 2, 3)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), padding="full"), ValueError, ["padding", "'full'"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), stride=2, padding="same"), ValueError, ["same", "(2, 2)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), _x(3)), ValueError, ["bias", "(4,)", "(3,)"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3, dt=np.float64)), TypeError, ["float32", "float64"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5), _x(4, 3, 3, 3), _x(4, dt=np.float64)), TypeError, ["bias: float64"]),
+        (lambda: fastkern.conv2d(_x(1, 3, 5, 5, dt=np.int32), _x(4, 3, 3, 3)), TypeError, ["x", "int32"]),
+        (lambda: fastkern.conv2d([[1.0]], _x(4, 3, 3, 3)), TypeError, ["x", "list"]),
+        (lambda: fastkern.conv1d(_x(1, 3, 5, 5), _x(4, 3, 3)), ValueError, ["x", "3-D"]),
+        (lambda: fastkern.conv3d(_x(1, 3, 5, 5), _x(4, 3, 3, 3, 3)), ValueError, ["x", "5-D"]),
+        (lambda: fastkern.conv2d_backward(_x(1, 4, 3, 4), _x(1, 3, 5, 5), _x(4, 3, 3, 3)), ValueError,
+         ["grad_y", "(1, 4, 3, 4)", "(1, 4, 3, 3)"]),
+        (lambda: fastkern.conv2d_backward(_x(1, 4, 3, 3, dt=np.float64), _x(1, 3, 5, 5), _x(4, 3, 3, 3)), TypeError,
+         ["grad_y: float64"]),
+        (lambda: fastkern.conv2d_backward(_x(1, 4, 3, 3), _x(1, 2, 5, 5), _x(4, 3, 3, 3)), ValueError, ["2 channels"]),
+        (lambda: fastkern.im2col(_x(1, 2, 5, 5), 6), ValueError, ["(6, 6)", "(5, 5)"]),
+        (lambda: fastkern.col2im(_x(1, 8, 9), (5, 5), 2), ValueError, ["(1, 8, 9)", "16 blocks"]),
+    ],
+)
+def test_bad_input_raises_naming_the_values(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_empty_batch_gives_empty_results():
+    y = fastkern.conv2d(_x(0, 3, 5, 5), _x(4, 3, 3, 3))
+    assert y.shape == (0, 4, 3, 3)
+    dx, dw, db = fastkern.conv2d_backward(_x(0, 4, 3, 3), _x(0, 3, 5, 5), _x(4, 3, 3, 3))
+    assert dx.shape == (0, 3, 5, 5) and not dw.any() and not db.any()
