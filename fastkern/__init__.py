@@ -29,6 +29,7 @@ from .losses import (  # noqa: F401,E402
 from .linear import linear, linear_backward  # noqa: F401,E402
 
 # --- optimizer update kernels (optim.py) ---
+from .optim import adam_update, rmsprop_update, sgd_update  # noqa: F401,E402
 
 from ._warmup import warmup  # noqa: F401,E402
 

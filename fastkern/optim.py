@@ -1,0 +1,291 @@
+"""Fused optimizer updates: ``sgd_update``, ``adam_update``, ``rmsprop_update``.
+
+Each call is ONE pass over a parameter: the regularization terms, the moment
+updates and the parameter write happen per element in registers, with no
+temporaries. They follow ``torch.optim``'s single-tensor formulas term for
+term, in the parameter's dtype (scalars are cast to it, as torch does).
+
+Regularization (added to the gradient before anything else, as torch's
+``weight_decay`` is):
+
+* ``weight_decay``: coupled L2, ``g += weight_decay * p`` (the gradient of
+  ``weight_decay/2 * ||p||^2``).
+* ``l1``: ``g += l1 * sign(p)`` (the subgradient of ``l1 * ||p||_1``).
+  Both together give elastic-net.
+* ``decoupled_weight_decay`` (Adam only; AdamW's): ``p *= 1 - lr * wd`` first.
+
+State arrays a configuration does not use (the momentum buffer with
+``momentum=0``, AMSGrad's maximum, RMSprop's centered average) may be ``None``.
+
+Big parameters run over all threads, each thread on its own contiguous
+slice; small ones run serially, where a thread launch would cost more than
+the update.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._checks import FLOAT_DTYPES, check_scalar
+
+# Below this many elements an update (a few ns per element, memory bound)
+# is cheaper than waking the thread pool (~5-10 us).
+PARALLEL_MIN_SIZE = 1 << 15
+
+
+# ---------------------------------------------------------------- element rules
+
+@njit(cache=True, inline="always")
+def _regularized(p, g, weight_decay, l1):
+    g = g + weight_decay * p
+    if p > 0:
+        g = g + l1
+    elif p < 0:
+        g = g - l1
+    return g
+
+
+@njit(cache=True, inline="always")
+def _lerp(a, b, w, one_minus_w):
+    # torch.lerp: the two-sided form keeps the result exact at both ends.
+    if w < 0.5:
+        return a + w * (b - a)
+    return b - (b - a) * one_minus_w
+
+
+# ------------------------------------------------------------------------- SGD
+
+@njit(cache=True, inline="always")
+def _sgd_elem(param, grad, buf, i, lr, momentum, one_minus_dampening, nesterov, weight_decay, l1,
+              first_step, use_buf):
+    p = param[i]
+    d = _regularized(p, grad[i], weight_decay, l1)
+    if use_buf:
+        b = d if first_step else momentum * buf[i] + one_minus_dampening * d
+        buf[i] = b
+        d = d + momentum * b if nesterov else b
+    param[i] = p - lr * d
+
+
+@njit(cache=True)
+def _sgd_serial(param, grad, buf, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf):
+    for i in range(param.size):
+        _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
+
+
+@njit(cache=True, parallel=True)
+def _sgd_parallel(param, grad, buf, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf):
+    for i in prange(param.size):
+        _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
+
+
+# ------------------------------------------------------------------------ Adam
+
+@njit(cache=True, inline="always")
+def _adam_elem(param, grad, m, v, vmax, i, lr_decay, step_size, beta1, omb1, beta2, omb2,
+               bc2_sqrt, eps, weight_decay, l1, amsgrad):
+    p = param[i] * lr_decay
+    g = _regularized(param[i], grad[i], weight_decay, l1)
+    mi = _lerp(m[i], g, omb1, beta1)
+    vi = beta2 * v[i] + omb2 * g * g
+    m[i] = mi
+    v[i] = vi
+    if amsgrad:
+        vi = max(vmax[i], vi)
+        vmax[i] = vi
+    denom = math.sqrt(vi) / bc2_sqrt + eps
+    param[i] = p - step_size * (mi / denom)
+
+
+@njit(cache=True)
+def _adam_serial(param, grad, m, v, vmax, lr_decay, step_size, beta1, omb1, beta2, omb2,
+                 bc2_sqrt, eps, wd, l1, amsgrad):
+    for i in range(param.size):
+        _adam_elem(param, grad, m, v, vmax, i, lr_decay, step_size, beta1, omb1, beta2, omb2,
+                   bc2_sqrt, eps, wd, l1, amsgrad)
+
+
+@njit(cache=True, parallel=True)
+def _adam_parallel(param, grad, m, v, vmax, lr_decay, step_size, beta1, omb1, beta2, omb2,
+                   bc2_sqrt, eps, wd, l1, amsgrad):
+    for i in prange(param.size):
+        _adam_elem(param, grad, m, v, vmax, i, lr_decay, step_size, beta1, omb1, beta2, omb2,
+                   bc2_sqrt, eps, wd, l1, amsgrad)
+
+
+# --------------------------------------------------------------------- RMSprop
+
+@njit(cache=True, inline="always")
+def _rmsprop_elem(param, grad, sq, gavg, buf, i, lr, alpha, oma, eps, weight_decay, l1, momentum,
+                  centered, use_buf):
+    p = param[i]
+    g = _regularized(p, grad[i], weight_decay, l1)
+    s = alpha * sq[i] + oma * g * g
+    sq[i] = s
+    if centered:
+        a = _lerp(gavg[i], g, oma, alpha)
+        gavg[i] = a
+        avg = math.sqrt(s - a * a) + eps
+    else:
+        avg = math.sqrt(s) + eps
+    if use_buf:
+        b = momentum * buf[i] + g / avg
+        buf[i] = b
+        param[i] = p - lr * b
+    else:
+        param[i] = p - lr * (g / avg)
+
+
+@njit(cache=True)
+def _rmsprop_serial(param, grad, sq, gavg, buf, lr, alpha, oma, eps, wd, l1, momentum, centered,
+                    use_buf):
+    for i in range(param.size):
+        _rmsprop_elem(param, grad, sq, gavg, buf, i, lr, alpha, oma, eps, wd, l1, momentum,
+                      centered, use_buf)
+
+
+@njit(cache=True, parallel=True)
+def _rmsprop_parallel(param, grad, sq, gavg, buf, lr, alpha, oma, eps, wd, l1, momentum, centered,
+                      use_buf):
+    for i in prange(param.size):
+        _rmsprop_elem(param, grad, sq, gavg, buf, i, lr, alpha, oma, eps, wd, l1, momentum,
+                      centered, use_buf)
+
+
+# ------------------------------------------------------------- Python boundary
+
+def _flat_state(param, name, arr, needed):
+    """A 1-D view of a state array shaped like ``param`` (or an empty stand-in when unused)."""
+    if not needed:
+        return np.empty(0, param.dtype)
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+    if arr.shape != param.shape or arr.dtype != param.dtype:
+        raise ValueError(
+            f"{name} must match param (shape {param.shape}, dtype {param.dtype}), "
+            f"got shape {arr.shape}, dtype {arr.dtype}"
+        )
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError(f"{name} must be a writeable C-contiguous array (it is updated in place)")
+    return arr.reshape(-1)
+
+
+def _flat_param_grad(param, grad):
+    if not isinstance(param, np.ndarray) or param.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"param must be a float32 or float64 numpy.ndarray, got {type(param).__name__}"
+                        f"{'' if not isinstance(param, np.ndarray) else ' of dtype ' + str(param.dtype)}")
+    if not param.flags.c_contiguous or not param.flags.writeable:
+        raise ValueError("param must be a writeable C-contiguous array (it is updated in place)")
+    if not isinstance(grad, np.ndarray):
+        raise TypeError(f"grad must be a numpy.ndarray, got {type(grad).__name__}")
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        raise ValueError(
+            f"grad must match param (shape {param.shape}, dtype {param.dtype}), "
+            f"got shape {grad.shape}, dtype {grad.dtype}"
+        )
+    # Kernels see plain 1-D arrays: one compiled signature per dtype, whatever the
+    # parameter's rank or ndarray subclass.
+    return param.view(np.ndarray).reshape(-1), np.ascontiguousarray(grad).view(np.ndarray).reshape(-1)
+
+
+def _non_negative(value, name):
+    value = check_scalar(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _in_unit(value, name, closed=False):
+    value = check_scalar(value, name)
+    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value}")
+    return value
+
+
+def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
+               nesterov=False, weight_decay=0.0, l1=0.0, first_step=False):
+    """One in-place SGD step on ``param`` (torch.optim.SGD's formula).
+
+    ``d = grad + weight_decay*param + l1*sign(param)``; with ``momentum`` > 0,
+    ``buf = d`` on the first step (``first_step=True``) and
+    ``buf = momentum*buf + (1-dampening)*d`` after, then ``d = d + momentum*buf``
+    (``nesterov``) or ``d = buf``; finally ``param -= lr*d``.
+    ``momentum_buffer`` (same shape/dtype as ``param``) is updated in place.
+    """
+    p, g = _flat_param_grad(param, grad)
+    lr = _non_negative(lr, "lr")
+    momentum = _non_negative(momentum, "momentum")
+    dampening = check_scalar(dampening, "dampening")
+    weight_decay = _non_negative(weight_decay, "weight_decay")
+    l1 = _non_negative(l1, "l1")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+    use_buf = momentum != 0.0
+    buf = _flat_state(param, "momentum_buffer", momentum_buffer, use_buf)
+    dt = p.dtype.type
+    kernel = _sgd_parallel if p.size >= PARALLEL_MIN_SIZE else _sgd_serial
+    kernel(p, g, buf, dt(lr), dt(momentum), dt(1.0 - dampening), bool(nesterov), dt(weight_decay),
+           dt(l1), bool(first_step), use_buf)
+    return param
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
+                beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=0.0,
+                l1=0.0, amsgrad=False):
+    """One in-place Adam/AdamW step (torch.optim.Adam / AdamW's formula).
+
+    ``step`` is the 1-based step count used for bias correction.
+    ``weight_decay`` is Adam's coupled L2 (added to the gradient);
+    ``decoupled_weight_decay`` is AdamW's (``param *= 1 - lr*wd`` first).
+    ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``) are
+    updated in place.
+    """
+    p, g = _flat_param_grad(param, grad)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    lr = _non_negative(lr, "lr")
+    beta1 = _in_unit(beta1, "beta1")
+    beta2 = _in_unit(beta2, "beta2")
+    eps = _non_negative(eps, "eps")
+    weight_decay = _non_negative(weight_decay, "weight_decay")
+    decoupled_weight_decay = _non_negative(decoupled_weight_decay, "decoupled_weight_decay")
+    l1 = _non_negative(l1, "l1")
+    m = _flat_state(param, "exp_avg", exp_avg, True)
+    v = _flat_state(param, "exp_avg_sq", exp_avg_sq, True)
+    vmax = _flat_state(param, "max_exp_avg_sq", max_exp_avg_sq, bool(amsgrad))
+    # Scalar bias corrections in double precision, as torch computes them in Python.
+    step_size = lr / (1.0 - beta1 ** step)
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    dt = p.dtype.type
+    kernel = _adam_parallel if p.size >= PARALLEL_MIN_SIZE else _adam_serial
+    kernel(p, g, m, v, vmax, dt(1.0 - lr * decoupled_weight_decay), dt(step_size), dt(beta1),
+           dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2), dt(bc2_sqrt), dt(eps), dt(weight_decay),
+           dt(l1), bool(amsgrad))
+    return param
+
+
+def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e-2,
+                   alpha=0.99, eps=1e-8, weight_decay=0.0, l1=0.0, momentum=0.0, centered=False):
+    """One in-place RMSprop step (torch.optim.RMSprop's formula).
+
+    ``square_avg`` always, ``grad_avg`` with ``centered`` and ``momentum_buffer``
+    with ``momentum`` > 0 are updated in place.
+    """
+    p, g = _flat_param_grad(param, grad)
+    lr = _non_negative(lr, "lr")
+    alpha = _in_unit(alpha, "alpha", closed=True)
+    eps = _non_negative(eps, "eps")
+    weight_decay = _non_negative(weight_decay, "weight_decay")
+    l1 = _non_negative(l1, "l1")
+    momentum = _non_negative(momentum, "momentum")
+    use_buf = momentum > 0.0
+    sq = _flat_state(param, "square_avg", square_avg, True)
+    gavg = _flat_state(param, "grad_avg", grad_avg, bool(centered))
+    buf = _flat_state(param, "momentum_buffer", momentum_buffer, use_buf)
+    dt = p.dtype.type
+    kernel = _rmsprop_parallel if p.size >= PARALLEL_MIN_SIZE else _rmsprop_serial
+    kernel(p, g, sq, gavg, buf, dt(lr), dt(alpha), dt(1.0 - alpha), dt(eps), dt(weight_decay),
+           dt(l1), dt(momentum), bool(centered), use_buf)
+    return param

@@ -1,0 +1,229 @@
+"""Parameter, Module and Sequential: the model layer's skeleton.
+
+A parameter is a NumPy array with its gradient beside it (``p.grad``). There is
+no autograd tape: every module caches what its backward needs during
+``forward`` and ``backward(grad_output)`` returns the gradient w.r.t. its input
+while *accumulating* into its parameters' ``.grad`` (as torch does), so
+``zero_grad()`` goes between steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import numpy as np
+
+_rng = np.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the generator that initializes parameters and draws dropout seeds."""
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def get_rng(seed=None) -> np.random.Generator:
+    """``default_rng(seed)`` for an explicit seed, else the global generator."""
+    return _rng if seed is None else np.random.default_rng(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Within the block, the global generator is ``default_rng(seed)`` (no-op for None)."""
+    global _rng
+    if seed is None:
+        yield
+        return
+    saved, _rng = _rng, np.random.default_rng(seed)
+    try:
+        yield
+    finally:
+        _rng = saved
+
+
+class Parameter(np.ndarray):
+    """A trainable array: an ``ndarray`` (subclass) with ``.grad``, a zeroed array like it.
+
+    ``p.array`` is the same memory as a plain ``ndarray``; layers hand that to
+    kernels so they never see the subclass. Arithmetic on a parameter returns
+    plain arrays.
+    """
+
+    def __new__(cls, data, dtype=None):
+        arr = np.array(data, dtype=dtype or np.asarray(data).dtype, order="C", copy=True)
+        if arr.dtype not in (np.float32, np.float64):
+            raise TypeError(f"a Parameter must be float32 or float64, got {arr.dtype}")
+        self = arr.view(cls)
+        self.array = arr
+        self.grad = np.zeros_like(arr)
+        return self
+
+    def __array_finalize__(self, obj):
+        # Views and copies of a parameter are not parameters of any module.
+        self.array = None
+        self.grad = None
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        arr = arr.view(np.ndarray)
+        return arr[()] if return_scalar else arr
+
+    def __repr__(self):
+        return f"Parameter({np.array2string(self.array, threshold=8)}, dtype={self.dtype})"
+
+
+class Module:
+    """Base class: registers parameters, buffers and submodules by attribute assignment.
+
+    Subclasses implement ``forward(x)`` (caching what backward needs) and
+    ``backward(grad_output)`` (returning the gradient w.r.t. ``x``).
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError("call Module.__init__() before assigning attributes")
+        for d in (self._parameters, self._buffers, self._modules):
+            d.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, value: np.ndarray) -> None:
+        """A state array that is saved in ``state_dict`` but not trained (e.g. running stats)."""
+        setattr(self, name, value)
+        self._buffers[name] = value
+
+    # -- running
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def train(self, mode: bool = True):
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- traversal
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        for _, m in self.named_modules():
+            yield m
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_parameters(self, prefix=""):
+        seen = set()
+        for mname, m in self.named_modules(prefix):
+            for name, p in m._parameters.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{mname}.{name}" if mname else name), p
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_buffers(self, prefix=""):
+        for mname, m in self.named_modules(prefix):
+            for name, b in m._buffers.items():
+                yield (f"{mname}.{name}" if mname else name), b
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad.fill(0)
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- state
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameters and buffers by dotted name, as plain arrays sharing the module's memory."""
+        sd = OrderedDict((n, p.array) for n, p in self.named_parameters())
+        sd.update(self.named_buffers())
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy arrays into the parameters and buffers in place (dtype cast, shapes must match)."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        for name, dst in own.items():
+            if name not in state_dict:
+                continue
+            src = np.asarray(state_dict[name])
+            if src.shape != dst.shape:
+                raise ValueError(f"{name}: shape {src.shape} in state_dict, {dst.shape} in the model")
+            dst[...] = src
+        return missing, unexpected
+
+    def to(self, dtype):
+        """Cast every parameter and floating buffer to ``dtype`` (new arrays: build optimizers after)."""
+        dtype = np.dtype(dtype)
+        for m in self.modules():
+            for name, p in list(m._parameters.items()):
+                setattr(m, name, Parameter(p.array, dtype=dtype))
+            for name, b in list(m._buffers.items()):
+                if np.issubdtype(b.dtype, np.floating):
+                    m.register_buffer(name, b.astype(dtype))
+        return self
+
+    # -- display
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        lines = [f"({n}): " + repr(m).replace("\n", "\n  ") for n, m in self._modules.items()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        return head + ")" if not lines else head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+class Sequential(Module):
+    """Modules applied in order; ``backward`` runs them in reverse."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential takes Modules, got {type(m).__name__} at position {i}")
+            setattr(self, str(i), m)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def backward(self, grad_output):
+        for m in reversed(self._modules.values()):
+            grad_output = m.backward(grad_output)
+        return grad_output

@@ -1,0 +1,63 @@
+"""Ready-made models. Each is a Sequential, so its state_dict names ("0.weight", ...)
+match the equivalent ``torch.nn.Sequential`` and weights move between the two.
+``seed`` makes the initialization reproducible (None: the global generator).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from .module import Sequential, seeded
+
+
+class LogisticRegression(Sequential):
+    """Multinomial logistic regression: Flatten -> Linear(in_features, num_classes)."""
+
+    def __init__(self, in_features, num_classes, dtype=np.float32, seed=0):
+        with seeded(seed):
+            super().__init__(Flatten(), Linear(in_features, num_classes, dtype=dtype))
+
+
+class MLP(Sequential):
+    """Flatten -> [Linear -> ReLU] per hidden width -> Linear(num_classes)."""
+
+    def __init__(self, in_features, hidden=(128,), num_classes=10, dtype=np.float32, seed=0):
+        layers, width = [Flatten()], in_features
+        with seeded(seed):
+            for h in hidden:
+                layers += [Linear(width, h, dtype=dtype), ReLU(inplace=True)]
+                width = h
+            layers.append(Linear(width, num_classes, dtype=dtype))
+            super().__init__(*layers)
+
+
+class LeNet5(Sequential):
+    """LeNet-5 for (N, 1, 28, 28): two 5x5 conv/ReLU/max-pool stages, then 120-84-10."""
+
+    def __init__(self, num_classes=10, dtype=np.float32, seed=0):
+        with seeded(seed):
+            super().__init__(
+                Conv2d(1, 6, 5, padding=2, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
+                Conv2d(6, 16, 5, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
+                Flatten(),
+                Linear(400, 120, dtype=dtype), ReLU(inplace=True),
+                Linear(120, 84, dtype=dtype), ReLU(inplace=True),
+                Linear(84, num_classes, dtype=dtype),
+            )
+
+
+class SmallCNN(Sequential):
+    """For (N, 3, 32, 32): conv32/conv64 (3x3, pad 1) with ReLU and max-pool, then 4096-256-10."""
+
+    def __init__(self, num_classes=10, dtype=np.float32, seed=0):
+        with seeded(seed):
+            super().__init__(
+                Conv2d(3, 32, 3, padding=1, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
+                Conv2d(32, 64, 3, padding=1, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
+                Flatten(),
+                Linear(4096, 256, dtype=dtype), ReLU(inplace=True),
+                Linear(256, num_classes, dtype=dtype),
+            )
+
+
+ZOO = {"logreg": LogisticRegression, "mlp": MLP, "lenet5": LeNet5, "smallcnn": SmallCNN}
