@@ -28,6 +28,9 @@ from .losses import (  # noqa: F401,E402
 # --- linear, batch norm, dropout, regularization (linear.py, norm.py, regularization.py) ---
 from .linear import linear, linear_backward  # noqa: F401,E402
 from .norm import batch_norm, batch_norm_backward, dropout, dropout_backward  # noqa: F401,E402
+from .regularization import (  # noqa: F401,E402
+    add_regularization_grad, elastic_net_grad, elastic_net_penalty, l1_grad, l1_penalty, l2_grad, l2_penalty,
+)
 
 # --- optimizer update kernels (optim.py) ---
 from .optim import adam_update, rmsprop_update, sgd_update  # noqa: F401,E402
