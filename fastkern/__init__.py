@@ -12,6 +12,10 @@ from .conv import (  # noqa: F401,E402
 from .im2col import col2im, im2col  # noqa: F401,E402
 
 # --- pooling (pool.py) ---
+from .pool import (  # noqa: F401,E402
+    avg_pool1d, avg_pool1d_backward, avg_pool2d, avg_pool2d_backward, global_avg_pool2d,
+    global_avg_pool2d_backward, max_pool1d, max_pool1d_backward, max_pool2d, max_pool2d_backward,
+)
 
 # --- activations (activations.py) ---
 from .activations import (  # noqa: F401,E402

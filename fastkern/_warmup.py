@@ -17,4 +17,12 @@ def warmup(dtypes=("float32",)) -> float:
             raise ValueError(f"warmup dtypes must be float32 or float64, got {name!r}")
         a = np.ones((3, 3), dt)
         gemm.matmul(a, a)
+        from . import activations, losses, pool
+        activations._warmup(dt)
+        losses._warmup(dt)
+        pool._warmup(dt)
+        from . import linear, norm, regularization
+        linear._warmup(dt)
+        norm._warmup(dt)
+        regularization._warmup(dt)
     return time.perf_counter() - t0

@@ -592,3 +592,37 @@ def log_softmax(x, axis=-1):
 def log_softmax_backward(grad_y, y, axis=-1):
     """Gradient of log-softmax from its output ``y``: ``grad_y - exp(y) * sum(grad_y, axis)``."""
     return _softmax_backward(grad_y, y, axis, True)
+
+
+def _warmup(dt):
+    """Compile every kernel above (serial and parallel variants) for dtype ``dt``."""
+    x = np.ones(4, dt)
+    y = np.empty_like(x)
+    slope = dt.type(0.1)
+    for span, par, args in (
+        (_relu_span, _relu_par, (x, y)),
+        (_relu_backward_span, _relu_backward_par, (x, x, y)),
+        (_leaky_relu_span, _leaky_relu_par, (x, slope, y)),
+        (_leaky_relu_backward_span, _leaky_relu_backward_par, (x, x, slope, y)),
+        (_sigmoid_span, _sigmoid_par, (x, y)),
+        (_sigmoid_backward_span, _sigmoid_backward_par, (x, x, y)),
+        (_tanh_span, _tanh_par, (x, y)),
+        (_tanh_backward_span, _tanh_backward_par, (x, x, y)),
+    ):
+        span(*args, 0, 4)
+        par(*args)
+    x2, y2, b = np.ones((2, 2), dt), np.empty((2, 2), dt), np.ones(2, dt)
+    _bias_relu_rows(x2, b, y2, 0, 2)
+    _bias_relu_rows_par(x2, b, y2)
+    _bias_relu_planes(x2, b, y2, 0, 2)
+    _bias_relu_planes_par(x2, b, y2)
+    parts, sums = np.empty((1, 2), dt), np.empty(2, dt)
+    _bias_relu_backward_rows(x2, x2, y2, parts[0], 0, 2)
+    _bias_relu_backward_rows_par(x2, x2, y2, parts)
+    _bias_relu_backward_planes(x2, x2, y2, sums, 0, 2)
+    _bias_relu_backward_planes_par(x2, x2, y2, sums)
+    x3, y3 = np.ones((2, 2, 2), dt), np.empty((2, 2, 2), dt)
+    for kernel, args in ((_softmax_rows, (x2, y2)), (_softmax_rows_par, (x2, y2)), (_softmax_slabs, (x3, y3)),
+                         (_softmax_slabs_par, (x3, y3)), (_softmax_backward_serial, (x3, x3, y3)),
+                         (_softmax_backward_par, (x3, x3, y3))):
+        kernel(*args, True)

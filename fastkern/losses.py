@@ -242,3 +242,17 @@ def binary_cross_entropy_with_logits(logits, target, reduction="mean"):
     _check_input_target(logits, target, "logits", "target")
     reduction = _check_reduction(reduction)
     return _elementwise_loss(logits, target, reduction, _bce_none, _bce_span, _bce_par, 1.0)
+
+
+def _warmup(dt):
+    """Compile every kernel above (serial and parallel variants) for dtype ``dt``."""
+    x, g = np.zeros((2, 3), dt), np.empty((2, 3), dt)
+    lab, per, one = np.zeros(2, np.int64), np.empty(2), dt.type(1)
+    _softmax_ce_rows(x, lab, one, g, per, 0, 2)
+    _softmax_ce_par(x, lab, one, g, per)
+    _nll_rows(x, lab, one, g, per)
+    xf, gf, perf, part = x.reshape(-1), g.reshape(-1), np.empty(6), np.empty(1)
+    for none_kernel, span, par in ((_mse_none, _mse_span, _mse_par), (_bce_none, _bce_span, _bce_par)):
+        none_kernel(xf, xf, gf, perf)
+        span(xf, xf, one, gf, 0, 6)
+        par(xf, xf, one, gf, part)

@@ -1,0 +1,522 @@
+"""Pooling: max, average and global average, 1-D and 2-D, each with its backward.
+
+Semantics follow ``torch.nn.functional`` (floor-mode output size, i.e.
+``ceil_mode=False``): ``out = (L + 2*padding - dilation*(kernel-1) - 1) // stride + 1``,
+padding at most half the kernel, padded positions never win a max, ties go to
+the first maximum in window order and a NaN wins. ``max_pool*`` indices are
+flat positions in each input plane (``h * W + w``), int64, as torch returns them.
+
+Inputs are (N, C, H, W) for 2-D (or unbatched (C, H, W)) and (N, C, L) for
+1-D (or (C, L)). A 1-D pool is a 2-D pool over (1, L) planes. Every kernel
+works on a stack of planes (N*C, H, W): ``prange`` hands each iteration whole
+planes, so the backward scatters (which overlap when stride < kernel) never
+write one element from two threads, and results are deterministic.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from numba import njit, prange
+
+from ._checks import as_tuple, check_array, check_non_negative, check_positive
+
+# Below this many input elements the whole op is a few microseconds on one
+# core, less than waking the thread pool.
+PARALLEL_MIN = 1 << 15
+
+
+# ---------------------------------------------------------------- argument handling
+
+
+def _conv_out(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _pool_geometry(spatial, nd, kernel_size, stride, padding, dilation, what):
+    """Validated (k, s, p, d, out) per spatial dim, each a tuple of length ``nd``."""
+    k = check_positive(as_tuple(kernel_size, nd, "kernel_size"), "kernel_size")
+    s = k if stride is None else check_positive(as_tuple(stride, nd, "stride"), "stride")
+    p = check_non_negative(as_tuple(padding, nd, "padding"), "padding")
+    d = check_positive(as_tuple(dilation, nd, "dilation"), "dilation")
+    if any(pi > ki // 2 for pi, ki in zip(p, k)):
+        raise ValueError(f"padding must be at most half of kernel_size, got padding={p}, kernel_size={k}")
+    out = []
+    for size, ki, si, pi, di in zip(spatial, k, s, p, d):
+        span = di * (ki - 1) + 1
+        if size + 2 * pi < span:
+            raise ValueError(
+                f"{what} window (kernel_size={k}, dilation={d}) is larger than the padded input: "
+                f"input size {tuple(spatial)} with padding={p}"
+            )
+        o = _conv_out(size, ki, si, pi, di)
+        if di > 1 and pi > 0:
+            # Dilated windows at the border can straddle the input entirely.
+            for j in range(o):
+                if not any(0 <= j * si - pi + t * di < size for t in range(ki)):
+                    raise ValueError(
+                        f"{what} window {j} (kernel_size={k}, stride={s}, padding={p}, dilation={d}) "
+                        f"covers only padding for input size {tuple(spatial)}"
+                    )
+        out.append(o)
+    return k, s, p, d, tuple(out)
+
+
+def _geometry(spatial, nd, kernel_size, stride, padding, dilation, what):
+    """Validated geometry in the caller's ``nd`` dims, lifted to the (H, W) of a plane."""
+    k, s, p, d, out = _pool_geometry(spatial, nd, kernel_size, stride, padding, dilation, what)
+    return _lift(k, nd, 1), _lift(s, nd, 1), _lift(p, nd, 0), _lift(d, nd, 1), _lift(out, nd, 1)
+
+
+def _check_input(x, nd):
+    check_array(x, "x", (nd + 1, nd + 2))
+    if x.ndim == nd + 1:
+        x = x[None]
+    n, c = x.shape[:2]
+    spatial = x.shape[2:]
+    if nd == 1:
+        spatial = (1,) + spatial
+    # Numba kernels index a C-contiguous (planes, H, W) stack.
+    return np.ascontiguousarray(x).reshape(n * c, *spatial)
+
+
+def _check_input_shape(input_shape, nd):
+    if not isinstance(input_shape, (tuple, list)) or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in input_shape
+    ):
+        raise TypeError(f"input_shape must be a tuple of non-negative ints, got {input_shape!r}")
+    if len(input_shape) not in (nd + 1, nd + 2):
+        raise ValueError(f"input_shape must have {nd + 1} or {nd + 2} dims, got {tuple(input_shape)}")
+    return tuple(int(v) for v in input_shape)
+
+
+def _out_shape(input_shape, out_spatial, nd):
+    return tuple(input_shape[: len(input_shape) - nd]) + tuple(out_spatial[-nd:])
+
+
+def _lift(t, nd, one):
+    """A 1-D parameter tuple as the (H, W) pair of a (1, L) plane."""
+    return (one,) + t if nd == 1 else t
+
+
+def _check_grad(grad_y, out_shape, what):
+    check_array(grad_y, "grad_y")
+    if grad_y.shape != tuple(out_shape):
+        raise ValueError(f"grad_y has shape {grad_y.shape}, expected {tuple(out_shape)} ({what} output)")
+
+
+def _run(serial, par, size, *args):
+    """Serial kernel below PARALLEL_MIN elements, the prange one above."""
+    if size < PARALLEL_MIN:
+        serial(*args)
+    else:
+        par(*args)
+
+
+# ---------------------------------------------------------------- max pool: forward
+
+
+@njit(cache=True, nogil=True)
+def _max_plane(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    h, w = x.shape
+    oh_, ow_ = y.shape
+    for oh in range(oh_):
+        h0 = oh * sh - ph
+        h1 = min(h0 + (kh - 1) * dh + 1, h)
+        while h0 < 0:
+            h0 += dh
+        for ow in range(ow_):
+            w0 = ow * sw - pw
+            w1 = min(w0 + (kw - 1) * dw + 1, w)
+            while w0 < 0:
+                w0 += dw
+            best = -np.inf
+            bi = h0 * w + w0
+            for ih in range(h0, h1, dh):
+                for iw in range(w0, w1, dw):
+                    v = x[ih, iw]
+                    if v > best or np.isnan(v):
+                        best = v
+                        bi = ih * w + iw
+            y[oh, ow] = best
+            if with_idx:
+                idx[oh, ow] = bi
+
+
+@njit(cache=True, nogil=True)
+def _max_2x2_plane(x, y, idx, with_idx):
+    """kernel 2, stride 2, no padding/dilation: four loads, three compares per output."""
+    w = x.shape[1]
+    oh_, ow_ = y.shape
+    for oh in range(oh_):
+        r0 = x[2 * oh]
+        r1 = x[2 * oh + 1]
+        for ow in range(ow_):
+            a, b = r0[2 * ow], r0[2 * ow + 1]
+            c, d = r1[2 * ow], r1[2 * ow + 1]
+            best, off = a, 0
+            if b > best or np.isnan(b):
+                best, off = b, 1
+            if c > best or np.isnan(c):
+                best, off = c, w
+            if d > best or np.isnan(d):
+                best, off = d, w + 1
+            y[oh, ow] = best
+            if with_idx:
+                idx[oh, ow] = 2 * oh * w + 2 * ow + off
+
+
+@njit(cache=True, nogil=True)
+def _max_planes(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    fast = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
+    for p in range(x.shape[0]):
+        ip = idx[p] if with_idx else idx[0]
+        if fast:
+            _max_2x2_plane(x[p], y[p], ip, with_idx)
+        else:
+            _max_plane(x[p], y[p], ip, with_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+@njit(cache=True, parallel=True)
+def _max_planes_par(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    fast = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
+    for p in prange(x.shape[0]):
+        ip = idx[p] if with_idx else idx[0]
+        if fast:
+            _max_2x2_plane(x[p], y[p], ip, with_idx)
+        else:
+            _max_plane(x[p], y[p], ip, with_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+def _max_pool(x, nd, kernel_size, stride, padding, dilation, return_indices):
+    planes = _check_input(x, nd)
+    k, s, p, d, out = _geometry(x.shape[-nd:], nd, kernel_size, stride, padding, dilation, "max_pool")
+    y = np.empty((planes.shape[0],) + out, planes.dtype)
+    idx = np.empty(y.shape if return_indices else (1, 1, 1), np.int64)
+    _run(_max_planes, _max_planes_par, planes.size, planes, y, idx, bool(return_indices), *k, *s, *p, *d)
+    out_shape = _out_shape(x.shape, out, nd)
+    y = y.reshape(out_shape)
+    return (y, idx.reshape(out_shape)) if return_indices else y
+
+
+def max_pool1d(x, kernel_size, stride=None, padding=0, dilation=1, return_indices=False):
+    """Max over sliding windows of (N, C, L) ``x``; ``(y, indices)`` with ``return_indices``.
+
+    ``stride`` defaults to ``kernel_size``. Indices are positions in L (int64).
+    """
+    return _max_pool(x, 1, kernel_size, stride, padding, dilation, return_indices)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, return_indices=False):
+    """Max over sliding windows of (N, C, H, W) ``x``; ``(y, indices)`` with ``return_indices``.
+
+    ``stride`` defaults to ``kernel_size``. Indices are flat positions ``h * W + w``
+    in each input plane (int64), as ``torch.nn.functional.max_pool2d`` returns them.
+    The common 2x2 stride-2 unpadded pool takes a dedicated fast path.
+    """
+    return _max_pool(x, 2, kernel_size, stride, padding, dilation, return_indices)
+
+
+# ---------------------------------------------------------------- max pool: backward
+
+
+@njit(cache=True, nogil=True)
+def _max_back_plane(g, idx, gx):
+    """Scatter one plane; returns how many indices fell outside the plane (then skipped)."""
+    hw = gx.size
+    flat = gx.reshape(hw)
+    flat[:] = 0
+    gf = g.reshape(g.size)
+    jf = idx.reshape(idx.size)
+    bad = 0
+    for i in range(gf.size):
+        j = jf[i]
+        if j < 0 or j >= hw:
+            bad += 1
+        else:
+            flat[j] += gf[i]
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _max_back_2x2_plane(g, idx, gx):
+    """Non-overlapping 2x2 windows: every grad_x element is written once, no zero-fill pass.
+
+    Returns how many indices lie outside their own window (their gradient is dropped).
+    """
+    h, w = gx.shape
+    oh_, ow_ = g.shape
+    bad = 0
+    for oh in range(oh_):
+        r0 = gx[2 * oh]
+        r1 = gx[2 * oh + 1]
+        for ow in range(ow_):
+            v = g[oh, ow]
+            off = idx[oh, ow] - (2 * oh * w + 2 * ow)
+            r0[2 * ow] = v if off == 0 else 0
+            r0[2 * ow + 1] = v if off == 1 else 0
+            r1[2 * ow] = v if off == w else 0
+            r1[2 * ow + 1] = v if off == w + 1 else 0
+            bad += not (off == 0 or off == 1 or off == w or off == w + 1)
+    # Rows / columns past the last full window get no gradient.
+    for ih in range(2 * oh_, h):
+        gx[ih, :] = 0
+    for ih in range(2 * oh_):
+        for iw in range(2 * ow_, w):
+            gx[ih, iw] = 0
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _max_back_planes(g, idx, gx, bad, fast):
+    for p in range(gx.shape[0]):
+        bad[p] = _max_back_2x2_plane(g[p], idx[p], gx[p]) if fast else _max_back_plane(g[p], idx[p], gx[p])
+
+
+@njit(cache=True, parallel=True)
+def _max_back_planes_par(g, idx, gx, bad, fast):
+    for p in prange(gx.shape[0]):
+        bad[p] = _max_back_2x2_plane(g[p], idx[p], gx[p]) if fast else _max_back_plane(g[p], idx[p], gx[p])
+
+
+def _max_pool_backward(grad_y, indices, input_shape, nd, kernel_size, stride, padding, dilation):
+    input_shape = _check_input_shape(input_shape, nd)
+    spatial = _lift(input_shape[-nd:], nd, 1)
+    k, s, p, d, out = _geometry(input_shape[-nd:], nd, kernel_size, stride, padding, dilation, "max_pool")
+    out_shape = _out_shape(input_shape, out, nd)
+    _check_grad(grad_y, out_shape, "max_pool")
+    if not isinstance(indices, np.ndarray) or indices.dtype != np.int64:
+        raise TypeError(f"indices must be an int64 numpy.ndarray, got {getattr(indices, 'dtype', type(indices))}")
+    if indices.shape != grad_y.shape:
+        raise ValueError(f"indices has shape {indices.shape} but grad_y has shape {grad_y.shape}")
+    planes = int(np.prod(input_shape[:-nd], dtype=np.int64))
+    gx = np.empty((planes,) + spatial, grad_y.dtype)
+    g = np.ascontiguousarray(grad_y).reshape((planes,) + out)
+    j = np.ascontiguousarray(indices).reshape((planes,) + out)
+    bad = np.zeros(planes, np.int64)
+    fast = k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1)
+    _run(_max_back_planes, _max_back_planes_par, gx.size, g, j, gx, bad, fast)
+    nbad = int(bad.sum())
+    if nbad:
+        raise ValueError(
+            f"{nbad} of indices' {indices.size} entries are outside their pooling window or the "
+            f"input plane of shape {spatial[-nd:]}; pass the indices max_pool returned for this input"
+        )
+    return gx.reshape(input_shape)
+
+
+def max_pool1d_backward(grad_y, indices, input_shape, kernel_size, stride=None, padding=0, dilation=1):
+    """Gradient of :func:`max_pool1d`: ``grad_y`` routed to the ``indices`` positions (summed where windows overlap)."""
+    return _max_pool_backward(grad_y, indices, input_shape, 1, kernel_size, stride, padding, dilation)
+
+
+def max_pool2d_backward(grad_y, indices, input_shape, kernel_size, stride=None, padding=0, dilation=1):
+    """Gradient of :func:`max_pool2d`: ``grad_y`` routed to the ``indices`` positions (summed where windows overlap).
+
+    ``indices`` must come from ``max_pool2d(..., return_indices=True)`` with the
+    same arguments; entries outside the input plane raise ValueError.
+    """
+    return _max_pool_backward(grad_y, indices, input_shape, 2, kernel_size, stride, padding, dilation)
+
+
+# ---------------------------------------------------------------- average pool
+
+
+@njit(cache=True, nogil=True)
+def _avg_window(oh, ow, h, w, kh, kw, sh, sw, ph, pw, include_pad):
+    """Clipped window bounds and torch's divisor (padding counts, overhang past it does not)."""
+    h0 = oh * sh - ph
+    w0 = ow * sw - pw
+    h1 = min(h0 + kh, h + ph)
+    w1 = min(w0 + kw, w + pw)
+    size = (h1 - h0) * (w1 - w0)
+    h0, w0 = max(h0, 0), max(w0, 0)
+    h1, w1 = min(h1, h), min(w1, w)
+    if not include_pad:
+        size = (h1 - h0) * (w1 - w0)
+    return h0, h1, w0, w1, size
+
+
+@njit(cache=True, nogil=True)
+def _avg_plane(x, y, kh, kw, sh, sw, ph, pw, include_pad):
+    h, w = x.shape
+    oh_, ow_ = y.shape
+    for oh in range(oh_):
+        for ow in range(ow_):
+            h0, h1, w0, w1, size = _avg_window(oh, ow, h, w, kh, kw, sh, sw, ph, pw, include_pad)
+            acc = 0.0
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    acc += x[ih, iw]
+            y[oh, ow] = acc / size
+
+
+@njit(cache=True, nogil=True)
+def _avg_back_plane(g, gx, kh, kw, sh, sw, ph, pw, include_pad):
+    h, w = gx.shape
+    oh_, ow_ = g.shape
+    gx[:, :] = 0
+    for oh in range(oh_):
+        for ow in range(ow_):
+            h0, h1, w0, w1, size = _avg_window(oh, ow, h, w, kh, kw, sh, sw, ph, pw, include_pad)
+            v = g[oh, ow] / size
+            for ih in range(h0, h1):
+                for iw in range(w0, w1):
+                    gx[ih, iw] += v
+
+
+@njit(cache=True, nogil=True)
+def _avg_planes(x, y, kh, kw, sh, sw, ph, pw, include_pad):
+    for p in range(x.shape[0]):
+        _avg_plane(x[p], y[p], kh, kw, sh, sw, ph, pw, include_pad)
+
+
+@njit(cache=True, parallel=True)
+def _avg_planes_par(x, y, kh, kw, sh, sw, ph, pw, include_pad):
+    for p in prange(x.shape[0]):
+        _avg_plane(x[p], y[p], kh, kw, sh, sw, ph, pw, include_pad)
+
+
+@njit(cache=True, nogil=True)
+def _avg_back_planes(g, gx, kh, kw, sh, sw, ph, pw, include_pad):
+    for p in range(gx.shape[0]):
+        _avg_back_plane(g[p], gx[p], kh, kw, sh, sw, ph, pw, include_pad)
+
+
+@njit(cache=True, parallel=True)
+def _avg_back_planes_par(g, gx, kh, kw, sh, sw, ph, pw, include_pad):
+    for p in prange(gx.shape[0]):
+        _avg_back_plane(g[p], gx[p], kh, kw, sh, sw, ph, pw, include_pad)
+
+
+def _avg_geometry(spatial, nd, kernel_size, stride, padding):
+    k, s, p, _, out = _geometry(spatial, nd, kernel_size, stride, padding, 1, "avg_pool")
+    return k, s, p, out
+
+
+def _avg_pool(x, nd, kernel_size, stride, padding, count_include_pad):
+    planes = _check_input(x, nd)
+    k, s, p, out = _avg_geometry(x.shape[-nd:], nd, kernel_size, stride, padding)
+    y = np.empty((planes.shape[0],) + out, planes.dtype)
+    _run(_avg_planes, _avg_planes_par, planes.size, planes, y, *k, *s, *p, bool(count_include_pad))
+    return y.reshape(_out_shape(x.shape, out, nd))
+
+
+def _avg_pool_backward(grad_y, input_shape, nd, kernel_size, stride, padding, count_include_pad):
+    input_shape = _check_input_shape(input_shape, nd)
+    spatial = _lift(input_shape[-nd:], nd, 1)
+    k, s, p, out = _avg_geometry(input_shape[-nd:], nd, kernel_size, stride, padding)
+    _check_grad(grad_y, _out_shape(input_shape, out, nd), "avg_pool")
+    planes = int(np.prod(input_shape[:-nd], dtype=np.int64))
+    gx = np.empty((planes,) + spatial, grad_y.dtype)
+    g = np.ascontiguousarray(grad_y).reshape((planes,) + out)
+    _run(_avg_back_planes, _avg_back_planes_par, gx.size, g, gx, *k, *s, *p, bool(count_include_pad))
+    return gx.reshape(input_shape)
+
+
+def avg_pool1d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Mean over sliding windows of (N, C, L) ``x``; ``count_include_pad`` as in torch."""
+    return _avg_pool(x, 1, kernel_size, stride, padding, count_include_pad)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Mean over sliding windows of (N, C, H, W) ``x``.
+
+    With ``count_include_pad`` (torch's default) zero padding counts in each
+    window's divisor; without it only the input elements the window covers do.
+    """
+    return _avg_pool(x, 2, kernel_size, stride, padding, count_include_pad)
+
+
+def avg_pool1d_backward(grad_y, input_shape, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Gradient of :func:`avg_pool1d`: each window's gradient spread evenly over it."""
+    return _avg_pool_backward(grad_y, input_shape, 1, kernel_size, stride, padding, count_include_pad)
+
+
+def avg_pool2d_backward(grad_y, input_shape, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Gradient of :func:`avg_pool2d`: each window's gradient spread evenly over it."""
+    return _avg_pool_backward(grad_y, input_shape, 2, kernel_size, stride, padding, count_include_pad)
+
+
+# ---------------------------------------------------------------- global average pool
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _gap_planes(x, y, lo, hi):
+    for p in range(lo, hi):
+        acc = 0.0
+        for v in x[p]:
+            acc += v
+        y[p] = acc / x.shape[1]
+
+
+@njit(cache=True, parallel=True)
+def _gap_par(x, y):
+    for p in prange(x.shape[0]):
+        _gap_planes(x, y, p, p + 1)
+
+
+@njit(cache=True, nogil=True)
+def _gap_back_planes(g, gx, lo, hi):
+    for p in range(lo, hi):
+        v = g[p] / gx.shape[1]
+        gx[p, :] = v
+
+
+@njit(cache=True, parallel=True)
+def _gap_back_par(g, gx):
+    for p in prange(gx.shape[0]):
+        _gap_back_planes(g, gx, p, p + 1)
+
+
+def global_avg_pool2d(x):
+    """Mean over H and W of (N, C, H, W) ``x``, returned as (N, C)."""
+    check_array(x, "x", 4)
+    n, c, h, w = x.shape
+    if h * w == 0:
+        raise ValueError(f"global_avg_pool2d needs a non-empty plane, got x.shape={x.shape}")
+    planes = np.ascontiguousarray(x).reshape(n * c, h * w)
+    y = np.empty(n * c, x.dtype)
+    if x.size < PARALLEL_MIN:
+        _gap_planes(planes, y, 0, n * c)
+    else:
+        _gap_par(planes, y)
+    return y.reshape(n, c)
+
+
+def global_avg_pool2d_backward(grad_y, input_shape):
+    """Gradient of :func:`global_avg_pool2d`: ``grad_y / (H*W)`` broadcast over each plane."""
+    input_shape = _check_input_shape(input_shape, 2)
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, C, H, W), got {input_shape}")
+    n, c, h, w = input_shape
+    if h * w == 0:
+        raise ValueError(f"global_avg_pool2d needs a non-empty plane, got input_shape={input_shape}")
+    _check_grad(grad_y, (n, c), "global_avg_pool2d")
+    g = np.ascontiguousarray(grad_y).reshape(n * c)
+    gx = np.empty((n * c, h * w), grad_y.dtype)
+    if gx.size < PARALLEL_MIN:
+        _gap_back_planes(g, gx, 0, n * c)
+    else:
+        _gap_back_par(g, gx)
+    return gx.reshape(input_shape)
+
+
+def _warmup(dt):
+    """Compile every kernel above (serial and parallel variants) for dtype ``dt``."""
+    x = np.ones((2, 4, 4), dt)
+    y, idx = np.empty((2, 2, 2), dt), np.zeros((2, 2, 2), np.int64)
+    geom = (2, 2, 2, 2, 0, 0, 1, 1)
+    for kernel in (_max_planes, _max_planes_par):
+        kernel(x, y, idx, True, *geom)
+    for kernel in (_max_back_planes, _max_back_planes_par):
+        kernel(y, idx, x, np.zeros(2, np.int64), True)
+    for kernel in (_avg_planes, _avg_planes_par):
+        kernel(x, y, *geom[:6], True)
+    for kernel in (_avg_back_planes, _avg_back_planes_par):
+        kernel(y, x, *geom[:6], True)
+    x2, g = x.reshape(2, 16), np.ones(2, dt)
+    _gap_planes(x2, g, 0, 2)
+    _gap_par(x2, g)
+    _gap_back_planes(g, x2, 0, 2)
+    _gap_back_par(g, x2)
