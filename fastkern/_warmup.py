@@ -21,8 +21,4 @@ def warmup(dtypes=("float32",)) -> float:
         activations._warmup(dt)
         losses._warmup(dt)
         pool._warmup(dt)
-        from . import linear, norm, regularization
-        linear._warmup(dt)
-        norm._warmup(dt)
-        regularization._warmup(dt)
     return time.perf_counter() - t0
