@@ -21,4 +21,9 @@ def warmup(dtypes=("float32",)) -> float:
         activations._warmup(dt)
         losses._warmup(dt)
         pool._warmup(dt)
+        from . import norm, regularization
+        from .linear import _warmup as warmup_linear  # fastkern.linear is the function
+        warmup_linear(dt)
+        norm._warmup(dt)
+        regularization._warmup(dt)
     return time.perf_counter() - t0

@@ -451,3 +451,14 @@ def dropout_backward(grad_y, mask, p):
     if gf.size:
         _dropout_backward_kernel(gf, mf, grad_y.dtype.type(1.0 / (1.0 - p)), grad_x)
     return grad_x.reshape(grad_y.shape)
+
+
+def _warmup(dt):
+    """Compile the batch norm ((N, C) and (N, C, ...)) and dropout kernels for dtype ``dt``."""
+    for shape in ((4, 2), (4, 2, 3)):
+        x, v = np.ones(shape, dt), np.ones(2, dt)
+        y, m, s = batch_norm(x, v, v, v.copy(), v.copy(), True, return_stats=True)
+        batch_norm(x, v, v, v, v, False)
+        batch_norm_backward(y, x, v, m, s)
+    y, mask = dropout(np.ones(3, dt), 0.5, 0)
+    dropout_backward(y, mask, 0.5)

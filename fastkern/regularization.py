@@ -164,3 +164,10 @@ def add_regularization_grad(grad, w, l1=0.0, l2=0.0):
             src = np.array(w, order="C").reshape(-1)
         _reg_grad_kernel(src, dt(l1), dt(l2), True, grad.reshape(-1))
     return grad
+
+
+def _warmup(dt):
+    """Compile the penalty and gradient kernels for dtype ``dt``."""
+    w = np.ones(3, dt)
+    elastic_net_penalty(w, 0.1, 0.5)
+    add_regularization_grad(elastic_net_grad(w, 0.1, 0.5), w, 0.1, 0.1)
