@@ -87,18 +87,27 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise AttributeError("call Module.__init__() before assigning attributes")
-        for d in (self._parameters, self._buffers, self._modules):
-            d.pop(name, None)
         if isinstance(value, Parameter):
+            self._drop(name)
             self._parameters[name] = value
         elif isinstance(value, Module):
+            self._drop(name)
             self._modules[name] = value
+        elif name in self._buffers and isinstance(value, np.ndarray):
+            self._buffers[name] = value  # e.g. ``self.count += 1`` keeps a buffer a buffer
+        else:
+            self._drop(name)
         object.__setattr__(self, name, value)
+
+    def _drop(self, name):
+        for d in (self._parameters, self._buffers, self._modules):
+            d.pop(name, None)
 
     def register_buffer(self, name: str, value: np.ndarray) -> None:
         """A state array that is saved in ``state_dict`` but not trained (e.g. running stats)."""
-        setattr(self, name, value)
+        self._drop(name)
         self._buffers[name] = value
+        setattr(self, name, value)
 
     # -- running
     def __call__(self, x):
