@@ -21,6 +21,11 @@ import numpy as np
 _OPT = "optimizer.state."
 
 
+def _contiguous(a):
+    # np.ascontiguousarray would turn a 0-d buffer (num_batches_tracked) into shape (1,).
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
 def atomic_write(path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a crash leaves either the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -46,7 +51,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, extra=
     """Save model (+ optimizer, scheduler, epoch, JSON-able ``extra``) to ``path`` atomically."""
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+    tensors = {k: _contiguous(np.asarray(v)) for k, v in model.state_dict().items()}
     meta = {"format": "fastkern-checkpoint-1", "epoch": json.dumps(int(epoch))}
     if optimizer is not None:
         sd = optimizer.state_dict()
@@ -55,7 +60,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, epoch=0, extra=
             steps.append(int(st["step"]))
             for name, arr in st.items():
                 if name != "step":
-                    tensors[f"{_OPT}{i}.{name}"] = np.ascontiguousarray(arr)
+                    tensors[f"{_OPT}{i}.{name}"] = _contiguous(np.asarray(arr))
         opt_meta = {k: v for k, v in sd.items() if k != "state"}
         opt_meta["steps"] = steps
         meta["optimizer"] = json.dumps(opt_meta)

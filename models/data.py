@@ -6,6 +6,7 @@
 * ``load_idx_dir(path)``: MNIST / Fashion-MNIST IDX files (raw or ``.gz``).
 * ``load_npz(path)``: arrays ``x`` and ``y`` (optionally ``x_test``/``y_test``).
 * ``batches(...)``: seeded shuffling into one reused batch buffer.
+* ``random_shift_(...)``: in-place random translation of a batch of images.
 
 Every loader returns a :class:`Dataset` of float32 NCHW (or (N, F)) images
 and int64 labels. Malformed files raise :class:`DataError` naming the file.
@@ -32,6 +33,7 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     name: str = ""
+    background: float = 0.0  # the normalized value of a 0 pixel (fill for shifted images)
 
     @property
     def input_shape(self):
@@ -69,16 +71,18 @@ def resize_bilinear(images, size):
 
 
 def normalize(x_train, x_test):
-    """Standardize both with the training set's scalar mean and std (float32)."""
+    """Standardize both with the training set's scalar mean and std; also return where 0 lands."""
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
-    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+    return (((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32),
+            -mean / std)
 
 
 def _finish(x, y, x_test, y_test, name):
-    x, x_test = normalize(x, x_test)
+    x, x_test, background = normalize(x, x_test)
     y, y_test = y.astype(np.int64), y_test.astype(np.int64)
     num_classes = int(max(y.max(), y_test.max() if y_test.size else 0)) + 1
-    return Dataset(np.ascontiguousarray(x), y, np.ascontiguousarray(x_test), y_test, num_classes, name)
+    return Dataset(np.ascontiguousarray(x), y, np.ascontiguousarray(x_test), y_test, num_classes,
+                   name, background)
 
 
 # ------------------------------------------------------------------ digits
@@ -234,3 +238,26 @@ def batches(x, y, batch_size, *, shuffle=True, seed=0, epoch=0, drop_last=False)
         np.take(x, idx, axis=0, out=bx[:k])
         np.take(y, idx, axis=0, out=by[:k])
         yield bx[:k], by[:k]
+
+
+def random_shift_(images, max_shift, fill, rng, scratch=None):
+    """Translate each (C, H, W) image of ``images`` in place by up to ``max_shift`` pixels.
+
+    Uncovered pixels get ``fill`` (the background value). Offsets come from
+    ``rng``; ``scratch`` (same shape) avoids allocating a copy per call.
+    """
+    if max_shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    if scratch is None:
+        src = images.copy()
+    else:
+        src = scratch[:n]
+        np.copyto(src, images)
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
+    images.fill(fill)
+    for i, (dy, dx) in enumerate(shifts):
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        images[i, :, yd, xd] = src[i, :, ys, xs]
+    return images

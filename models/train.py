@@ -54,6 +54,9 @@ def build_parser():
     a("--schedule", default="cosine", help="none | step | cosine (per epoch, default cosine)")
     a("--step-size", type=int, default=5, help="StepLR period in epochs (default 5)")
     a("--gamma", type=float, default=0.1, help="StepLR factor (default 0.1)")
+    a("--shift", type=int, default=2,
+      help="augment image batches by random translations of up to this many pixels (default 2; 0 off)")
+    a("--dropout", type=float, default=0.0, help="MLP dropout probability (default 0)")
     a("--hidden", default="128", help="MLP hidden widths, comma-separated (default 128)")
     a("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     a("--seed", type=int, default=0, help="init, shuffle and dropout seed (default 0)")
@@ -82,6 +85,10 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.shift < 0:
+        raise UsageError(f"--shift must be >= 0, got {args.shift}")
     for name in ("epochs", "batch_size", "eval_batch_size", "step_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -111,7 +118,8 @@ def build_model(args, ds):
     if args.model == "smallcnn":
         return models.SmallCNN(ds.num_classes, seed=args.seed)
     if args.model == "mlp":
-        return models.MLP(features, args.hidden_sizes, ds.num_classes, seed=args.seed)
+        return models.MLP(features, args.hidden_sizes, ds.num_classes, args.dropout,
+                          seed=args.seed)
     return models.LogisticRegression(features, ds.num_classes, seed=args.seed)
 
 
@@ -199,7 +207,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import DataError, batches, load
+    from .data import DataError, batches, load, random_shift_
 
     check_args(args)
     if args.threads is not None:
@@ -219,7 +227,8 @@ def run(args) -> dict:
     ckpt = os.path.join(args.out, CHECKPOINT)
     config = {k: getattr(args, k) for k in ("model", "data", "batch_size", "optimizer", "lr",
                                             "momentum", "nesterov", "weight_decay", "l1", "l2",
-                                            "schedule", "hidden", "seed", "epochs")}
+                                            "schedule", "shift", "hidden", "dropout", "seed",
+                                            "epochs")}
     config["threads"] = fastkern.get_num_threads()
     start, history = 0, []
     if args.resume:
@@ -228,7 +237,8 @@ def run(args) -> dict:
         except (ValueError, KeyError) as e:
             raise UsageError(f"--resume: {e}") from None
         saved = meta.get("config", {})
-        for k in ("model", "optimizer", "batch_size", "seed", "schedule", "hidden"):
+        for k in ("model", "optimizer", "batch_size", "seed", "schedule", "hidden", "dropout",
+                  "shift"):
             if k in saved and saved[k] != config[k]:
                 raise UsageError(f"--resume: checkpoint has {k}={saved[k]!r}, "
                                  f"command line has {config[k]!r}")
@@ -241,6 +251,8 @@ def run(args) -> dict:
     print(f"{args.model} ({model.num_parameters():,} parameters) on {ds.name}: "
           f"{n_train} train / {len(ds.y_test)} test, {ds.input_shape}, "
           f"{ds.num_classes} classes, {config['threads']} threads", file=log)
+    shift = args.shift if ds.x_train.ndim == 4 else 0
+    scratch = np.empty((args.batch_size,) + ds.input_shape, np.float32) if shift else None
     has_dropout = any(isinstance(m, models.Dropout) for m in model.modules())
     t0 = time.perf_counter()
     warm_up(model, crit, ds.x_train, ds.y_train, args.batch_size)
@@ -255,8 +267,11 @@ def run(args) -> dict:
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False,
                    disable=args.no_progress, file=log, dynamic_ncols=True)
         t_epoch = time.perf_counter()
+        aug_rng = np.random.default_rng([args.seed, epoch, 1])
         for step, (xb, yb) in enumerate(batches(ds.x_train, ds.y_train, args.batch_size,
                                                 seed=args.seed, epoch=epoch)):
+            if shift:
+                random_shift_(xb, shift, ds.background, aug_rng, scratch)
             if has_dropout:
                 models.reseed_dropout(model, args.seed, epoch, step)
             logits = model(xb)

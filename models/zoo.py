@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU
+from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .module import Sequential, seeded
 
 
@@ -19,13 +19,16 @@ class LogisticRegression(Sequential):
 
 
 class MLP(Sequential):
-    """Flatten -> [Linear -> ReLU] per hidden width -> Linear(num_classes)."""
+    """Flatten -> [Linear -> ReLU (-> Dropout)] per hidden width -> Linear(num_classes)."""
 
-    def __init__(self, in_features, hidden=(128,), num_classes=10, dtype=np.float32, seed=0):
+    def __init__(self, in_features, hidden=(128,), num_classes=10, dropout=0.0, dtype=np.float32,
+                 seed=0):
         layers, width = [Flatten()], in_features
         with seeded(seed):
             for h in hidden:
                 layers += [Linear(width, h, dtype=dtype), ReLU(inplace=True)]
+                if dropout:
+                    layers.append(Dropout(dropout))
                 width = h
             layers.append(Linear(width, num_classes, dtype=dtype))
             super().__init__(*layers)
