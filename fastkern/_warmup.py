@@ -26,4 +26,6 @@ def warmup(dtypes=("float32",)) -> float:
         warmup_linear(dt)
         norm._warmup(dt)
         regularization._warmup(dt)
+        from . import optim
+        optim._warmup(dt)
     return time.perf_counter() - t0

@@ -289,3 +289,13 @@ def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None,
     kernel(p, g, sq, gavg, buf, dt(lr), dt(alpha), dt(1.0 - alpha), dt(eps), dt(weight_decay),
            dt(l1), dt(momentum), bool(centered), use_buf)
     return param
+
+
+def _warmup(dtype):
+    """Compile (or load) the serial and parallel kernel of every update for ``dtype``."""
+    for n in (1, PARALLEL_MIN_SIZE):
+        p, g = np.zeros(n, dtype), np.zeros(n, dtype)
+        s = [np.zeros(n, dtype) for _ in range(3)]
+        sgd_update(p, g, s[0], lr=0.0, momentum=0.9)
+        adam_update(p, g, s[0], s[1], s[2], step=1, lr=0.0, amsgrad=True)
+        rmsprop_update(p, g, s[0], s[1], s[2], lr=0.0, momentum=0.9, centered=True)

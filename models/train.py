@@ -42,8 +42,8 @@ def build_parser():
     a = p.add_argument
     a("--model", default="lenet5", help=f"one of {', '.join(MODELS)} (default lenet5)")
     a("--data", default="digits", help="digits | IDX directory | file.npz (default digits)")
-    a("--epochs", type=int, default=12, help="total epochs (default 12)")
-    a("--batch-size", type=int, default=32, help="default 32")
+    a("--epochs", type=int, default=20, help="total epochs (default 20)")
+    a("--batch-size", type=int, default=64, help="default 64")
     a("--optimizer", default="sgd", help=f"one of {', '.join(OPTIMIZERS)} (default sgd)")
     a("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     a("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum (default 0.9)")
