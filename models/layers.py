@@ -107,12 +107,12 @@ class _ConvNd(_WithActivation):
 
     def forward(self, x):
         self._x = x
-        return self._finish(self._fwd(x, self.weight.array, self._op_bias(), **self.conv_args))
+        return self._finish(self._op(x, self.weight.array, self._op_bias()))
 
     def backward(self, g):
         g = self._start_backward(g)
         has_b = self._op_bias() is not None
-        gx, gw, gb = self._bwd(g, self._x, self.weight.array, bias_grad=has_b, **self.conv_args)
+        gx, gw, gb = self._op_backward(g, self._x, self.weight.array, has_b)
         _acc(self.weight, gw)
         if has_b:
             _acc(self.bias, gb)
@@ -127,15 +127,23 @@ class _ConvNd(_WithActivation):
 class Conv1d(_ConvNd):
     """1-D convolution over (N, C, L) (torch.nn.Conv1d arguments)."""
     nd = 1
-    _fwd = staticmethod(lambda *a, **k: fk.conv1d(*a, **k))
-    _bwd = staticmethod(lambda *a, **k: fk.conv1d_backward(*a, **k))
+
+    def _op(self, x, w, b):
+        return fk.conv1d(x, w, b, **self.conv_args)
+
+    def _op_backward(self, g, x, w, bias_grad):
+        return fk.conv1d_backward(g, x, w, bias_grad=bias_grad, **self.conv_args)
 
 
 class Conv2d(_ConvNd):
     """2-D convolution over (N, C, H, W) (torch.nn.Conv2d arguments)."""
     nd = 2
-    _fwd = staticmethod(lambda *a, **k: fk.conv2d(*a, **k))
-    _bwd = staticmethod(lambda *a, **k: fk.conv2d_backward(*a, **k))
+
+    def _op(self, x, w, b):
+        return fk.conv2d(x, w, b, **self.conv_args)
+
+    def _op_backward(self, g, x, w, bias_grad):
+        return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, **self.conv_args)
 
 
 class MaxPool2d(Module):

@@ -1,0 +1,37 @@
+"""asv: the fused optimizer update kernels on a 1M-element parameter."""
+import numpy as np
+
+import fastkern
+
+N = 1 << 20
+
+
+class OptimizerUpdate:
+    """One in-place update of a 1M-element float32/float64 parameter."""
+
+    params = (["sgd", "sgd_nesterov", "adam", "adamw_amsgrad", "rmsprop_centered"],
+              ["float32", "float64"])
+    param_names = ["update", "dtype"]
+
+    def setup(self, update, dtype):
+        rng = np.random.default_rng(0)
+        self.p = rng.standard_normal(N).astype(dtype)
+        self.g = rng.standard_normal(N).astype(dtype)
+        self.s = [np.zeros(N, dtype) for _ in range(3)]
+        self.step = 1
+        self.time_update(update, dtype)  # compiles (or loads) the kernel for dtype
+
+    def time_update(self, update, dtype):
+        p, g, s = self.p, self.g, self.s
+        if update == "sgd":
+            fastkern.sgd_update(p, g, s[0], lr=1e-3, momentum=0.9)
+        elif update == "sgd_nesterov":
+            fastkern.sgd_update(p, g, s[0], lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        elif update == "adam":
+            fastkern.adam_update(p, g, s[0], s[1], step=self.step)
+        elif update == "adamw_amsgrad":
+            fastkern.adam_update(p, g, s[0], s[1], s[2], step=self.step,
+                                 decoupled_weight_decay=1e-2, amsgrad=True)
+        else:
+            fastkern.rmsprop_update(p, g, s[0], s[1], s[2], momentum=0.9, centered=True)
+        self.step += 1
