@@ -70,13 +70,17 @@ def _sgd_elem(param, grad, buf, i, lr, momentum, one_minus_dampening, nesterov, 
 
 
 @njit(cache=True)
-def _sgd_serial(param, grad, buf, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf):
+def _sgd_serial(param, grad, buf, hp):
+    lr, momentum, omd, wd, l1 = hp[0], hp[1], hp[2], hp[3], hp[4]
+    nesterov, first_step, use_buf = hp[5] != 0, hp[6] != 0, hp[7] != 0
     for i in range(param.size):
         _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
 
 
 @njit(cache=True, parallel=True)
-def _sgd_parallel(param, grad, buf, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf):
+def _sgd_parallel(param, grad, buf, hp):
+    lr, momentum, omd, wd, l1 = hp[0], hp[1], hp[2], hp[3], hp[4]
+    nesterov, first_step, use_buf = hp[5] != 0, hp[6] != 0, hp[7] != 0
     for i in prange(param.size):
         _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
 
@@ -100,16 +104,18 @@ def _adam_elem(param, grad, m, v, vmax, i, lr_decay, step_size, beta1, omb1, bet
 
 
 @njit(cache=True)
-def _adam_serial(param, grad, m, v, vmax, lr_decay, step_size, beta1, omb1, beta2, omb2,
-                 bc2_sqrt, eps, wd, l1, amsgrad):
+def _adam_serial(param, grad, m, v, vmax, hp):
+    lr_decay, step_size, beta1, omb1, beta2, omb2 = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5]
+    bc2_sqrt, eps, wd, l1, amsgrad = hp[6], hp[7], hp[8], hp[9], hp[10] != 0
     for i in range(param.size):
         _adam_elem(param, grad, m, v, vmax, i, lr_decay, step_size, beta1, omb1, beta2, omb2,
                    bc2_sqrt, eps, wd, l1, amsgrad)
 
 
 @njit(cache=True, parallel=True)
-def _adam_parallel(param, grad, m, v, vmax, lr_decay, step_size, beta1, omb1, beta2, omb2,
-                   bc2_sqrt, eps, wd, l1, amsgrad):
+def _adam_parallel(param, grad, m, v, vmax, hp):
+    lr_decay, step_size, beta1, omb1, beta2, omb2 = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5]
+    bc2_sqrt, eps, wd, l1, amsgrad = hp[6], hp[7], hp[8], hp[9], hp[10] != 0
     for i in prange(param.size):
         _adam_elem(param, grad, m, v, vmax, i, lr_decay, step_size, beta1, omb1, beta2, omb2,
                    bc2_sqrt, eps, wd, l1, amsgrad)
@@ -139,45 +145,57 @@ def _rmsprop_elem(param, grad, sq, gavg, buf, i, lr, alpha, oma, eps, weight_dec
 
 
 @njit(cache=True)
-def _rmsprop_serial(param, grad, sq, gavg, buf, lr, alpha, oma, eps, wd, l1, momentum, centered,
-                    use_buf):
+def _rmsprop_serial(param, grad, sq, gavg, buf, hp):
+    lr, alpha, oma, eps, wd, l1, momentum = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
+    centered, use_buf = hp[7] != 0, hp[8] != 0
     for i in range(param.size):
         _rmsprop_elem(param, grad, sq, gavg, buf, i, lr, alpha, oma, eps, wd, l1, momentum,
                       centered, use_buf)
 
 
 @njit(cache=True, parallel=True)
-def _rmsprop_parallel(param, grad, sq, gavg, buf, lr, alpha, oma, eps, wd, l1, momentum, centered,
-                      use_buf):
+def _rmsprop_parallel(param, grad, sq, gavg, buf, hp):
+    lr, alpha, oma, eps, wd, l1, momentum = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]
+    centered, use_buf = hp[7] != 0, hp[8] != 0
     for i in prange(param.size):
         _rmsprop_elem(param, grad, sq, gavg, buf, i, lr, alpha, oma, eps, wd, l1, momentum,
                       centered, use_buf)
 
 
 # ------------------------------------------------------------- Python boundary
+# These checks run once per parameter per step, so they stay cheap: exact-type
+# fast paths, one reshape per array, no temporaries beyond the scalar pack.
 
-def _flat_state(param, name, arr, needed):
-    """A 1-D view of a state array shaped like ``param`` (or an empty stand-in when unused)."""
-    if not needed:
-        return np.empty(0, param.dtype)
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _flat(arr, name, like):
+    """A 1-D plain view of a state array shaped like ``like`` and updated in place."""
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
-    if arr.shape != param.shape or arr.dtype != param.dtype:
+    if arr.shape != like.shape or arr.dtype != like.dtype:
         raise ValueError(
-            f"{name} must match param (shape {param.shape}, dtype {param.dtype}), "
+            f"{name} must match param (shape {like.shape}, dtype {like.dtype}), "
             f"got shape {arr.shape}, dtype {arr.dtype}"
         )
-    if not arr.flags.c_contiguous or not arr.flags.writeable:
+    flags = arr.flags
+    if not (flags.c_contiguous and flags.writeable):
         raise ValueError(f"{name} must be a writeable C-contiguous array (it is updated in place)")
+    if type(arr) is not np.ndarray:
+        arr = arr.view(np.ndarray)
     return arr.reshape(-1)
+
+
+def _flat_state(param, name, arr, needed):
+    """``_flat`` for a state array, or an empty stand-in when the configuration does not use it."""
+    return _flat(arr, name, param) if needed else _EMPTY[param.dtype]
 
 
 def _flat_param_grad(param, grad):
     if not isinstance(param, np.ndarray) or param.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"param must be a float32 or float64 numpy.ndarray, got {type(param).__name__}"
-                        f"{'' if not isinstance(param, np.ndarray) else ' of dtype ' + str(param.dtype)}")
-    if not param.flags.c_contiguous or not param.flags.writeable:
-        raise ValueError("param must be a writeable C-contiguous array (it is updated in place)")
+        what = type(param).__name__ + (f" of dtype {param.dtype}" if isinstance(param, np.ndarray) else "")
+        raise TypeError(f"param must be a float32 or float64 numpy.ndarray, got {what}")
+    p = _flat(param, "param", param)
     if not isinstance(grad, np.ndarray):
         raise TypeError(f"grad must be a numpy.ndarray, got {type(grad).__name__}")
     if grad.shape != param.shape or grad.dtype != param.dtype:
@@ -185,22 +203,27 @@ def _flat_param_grad(param, grad):
             f"grad must match param (shape {param.shape}, dtype {param.dtype}), "
             f"got shape {grad.shape}, dtype {grad.dtype}"
         )
-    # Kernels see plain 1-D arrays: one compiled signature per dtype, whatever the
-    # parameter's rank or ndarray subclass.
-    return param.view(np.ndarray).reshape(-1), np.ascontiguousarray(grad).view(np.ndarray).reshape(-1)
+    if not grad.flags.c_contiguous:
+        grad = np.ascontiguousarray(grad)
+    if type(grad) is not np.ndarray:
+        grad = grad.view(np.ndarray)
+    # Kernels see plain 1-D arrays: one compiled signature per dtype, whatever the rank.
+    return p, grad.reshape(-1)
 
 
 def _non_negative(value, name):
-    value = check_scalar(value, name)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if type(value) is not float or not 0.0 <= value < math.inf:
+        value = check_scalar(value, name)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
 def _in_unit(value, name, closed=False):
-    value = check_scalar(value, name)
-    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value}")
+    if type(value) is not float or not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        value = check_scalar(value, name)
+        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value}")
     return value
 
 
@@ -217,17 +240,17 @@ def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening
     p, g = _flat_param_grad(param, grad)
     lr = _non_negative(lr, "lr")
     momentum = _non_negative(momentum, "momentum")
-    dampening = check_scalar(dampening, "dampening")
+    if type(dampening) is not float:
+        dampening = check_scalar(dampening, "dampening")
     weight_decay = _non_negative(weight_decay, "weight_decay")
     l1 = _non_negative(l1, "l1")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
     use_buf = momentum != 0.0
     buf = _flat_state(param, "momentum_buffer", momentum_buffer, use_buf)
-    dt = p.dtype.type
-    kernel = _sgd_parallel if p.size >= PARALLEL_MIN_SIZE else _sgd_serial
-    kernel(p, g, buf, dt(lr), dt(momentum), dt(1.0 - dampening), bool(nesterov), dt(weight_decay),
-           dt(l1), bool(first_step), use_buf)
+    hp = np.array([lr, momentum, 1.0 - dampening, weight_decay, l1, nesterov, first_step, use_buf],
+                  p.dtype)
+    (_sgd_parallel if p.size >= PARALLEL_MIN_SIZE else _sgd_serial)(p, g, buf, hp)
     return param
 
 
@@ -258,11 +281,9 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, 
     # Scalar bias corrections in double precision, as torch computes them in Python.
     step_size = lr / (1.0 - beta1 ** step)
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    dt = p.dtype.type
-    kernel = _adam_parallel if p.size >= PARALLEL_MIN_SIZE else _adam_serial
-    kernel(p, g, m, v, vmax, dt(1.0 - lr * decoupled_weight_decay), dt(step_size), dt(beta1),
-           dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2), dt(bc2_sqrt), dt(eps), dt(weight_decay),
-           dt(l1), bool(amsgrad))
+    hp = np.array([1.0 - lr * decoupled_weight_decay, step_size, beta1, 1.0 - beta1, beta2,
+                   1.0 - beta2, bc2_sqrt, eps, weight_decay, l1, amsgrad], p.dtype)
+    (_adam_parallel if p.size >= PARALLEL_MIN_SIZE else _adam_serial)(p, g, m, v, vmax, hp)
     return param
 
 
@@ -284,10 +305,9 @@ def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None,
     sq = _flat_state(param, "square_avg", square_avg, True)
     gavg = _flat_state(param, "grad_avg", grad_avg, bool(centered))
     buf = _flat_state(param, "momentum_buffer", momentum_buffer, use_buf)
-    dt = p.dtype.type
-    kernel = _rmsprop_parallel if p.size >= PARALLEL_MIN_SIZE else _rmsprop_serial
-    kernel(p, g, sq, gavg, buf, dt(lr), dt(alpha), dt(1.0 - alpha), dt(eps), dt(weight_decay),
-           dt(l1), dt(momentum), bool(centered), use_buf)
+    hp = np.array([lr, alpha, 1.0 - alpha, eps, weight_decay, l1, momentum, centered, use_buf],
+                  p.dtype)
+    (_rmsprop_parallel if p.size >= PARALLEL_MIN_SIZE else _rmsprop_serial)(p, g, sq, gavg, buf, hp)
     return param
 
 
