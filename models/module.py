@@ -95,7 +95,7 @@ class Module:
             self._modules[name] = value
         elif name in self._buffers and isinstance(value, np.ndarray):
             self._buffers[name] = value  # e.g. ``self.count += 1`` keeps a buffer a buffer
-        else:
+        elif name in self._parameters or name in self._modules or name in self._buffers:
             self._drop(name)
         object.__setattr__(self, name, value)
 
