@@ -30,9 +30,11 @@ from numba import njit, prange
 
 from ._checks import FLOAT_DTYPES, check_scalar
 
-# Below this many elements an update (a few ns per element, memory bound)
-# is cheaper than waking the thread pool (~5-10 us).
-PARALLEL_MIN_SIZE = 1 << 15
+# Below this many elements (1 MiB of float32) one core streams the update in
+# tens of microseconds, about what waking the thread pool costs; it also keeps
+# small models (LeNet5's largest parameter is 48K) from compiling the parallel
+# variants at all, which is a second of cold start each.
+PARALLEL_MIN_SIZE = 1 << 18
 
 
 # ---------------------------------------------------------------- element rules
