@@ -80,6 +80,43 @@ def ours_step(name, batch, shape, seed=0):
     return step
 
 
+def functional_lenet5_step(batch, seed=0):
+    """LeNet5's training step as bare fastkern calls: the floor the model layer is held to."""
+    import fastkern as fk
+
+    model = make_ours("LeNet5")
+    ws = [p.array for p in model.parameters()]
+    bufs = [np.zeros_like(w) for w in ws]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, batch)
+    w1, b1, w2, b2, w3, b3, w4, b4, w5, b5 = ws
+
+    def step():
+        def relu_(a):
+            return fk.relu(a, out=a)
+
+        h1 = relu_(fk.conv2d(x, w1, b1, padding=2))
+        p1, i1 = fk.max_pool2d(h1, 2, return_indices=True)
+        h2 = relu_(fk.conv2d(p1, w2, b2))
+        p2, i2 = fk.max_pool2d(h2, 2, return_indices=True)
+        f = p2.reshape(batch, -1)
+        h3 = relu_(fk.linear(f, w3, b3))
+        h4 = relu_(fk.linear(h3, w4, b4))
+        _, g = fk.softmax_cross_entropy(fk.linear(h4, w5, b5), y)
+        g, gw5, gb5 = fk.linear_backward(g, h4, w5)
+        g, gw4, gb4 = fk.linear_backward(fk.relu_backward(g, h4), h3, w4)
+        g, gw3, gb3 = fk.linear_backward(fk.relu_backward(g, h3), f, w3)
+        g = fk.max_pool2d_backward(g.reshape(p2.shape), i2, h2.shape, 2)
+        g, gw2, gb2 = fk.conv2d_backward(fk.relu_backward(g, h2), p1, w2)
+        g = fk.max_pool2d_backward(g, i1, h1.shape, 2)
+        _, gw1, gb1 = fk.conv2d_backward(fk.relu_backward(g, h1), x, w1, padding=2)
+        for w, gr, b in zip(ws, (gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5), bufs):
+            fk.sgd_update(w, gr, b, lr=0.01, momentum=0.9)
+
+    return step
+
+
 def torch_step(torch, name, batch, shape, seed=0):
     model = make_twin(torch, name)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -178,6 +215,13 @@ def main(args):
         rss.append(peak_rss_mib("torch", name, batch, args.threads) if torch else float("nan"))
         rows.append([name, batch, round(ours), round(peer), f"{ours / peer:.2f}x", round(rss[0]),
                      round(rss[1])])
+    if not args.quick:
+        # The same LeNet5 step written as bare fastkern calls: what the model layer costs on top.
+        t_mod, t_fun = interleaved_medians([ours_step("LeNet5", 64, (1, 28, 28)),
+                                            functional_lenet5_step(64)],
+                                           repeat=args.repeat, warmup=3, min_time=0.2)
+        print(f"LeNet5 via models/ {64 / t_mod:.0f} img/s, as bare fastkern calls "
+              f"{64 / t_fun:.0f} img/s: the model layer adds {100 * (t_mod / t_fun - 1):+.1f}%")
     print(f"training step (forward + loss + backward + SGD momentum), float32, "
           f"{args.threads} threads, median of {args.repeat}")
     print_table(["model", "batch", "fastkern img/s", "torch img/s", "ratio", "fastkern RSS MiB",
