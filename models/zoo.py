@@ -1,6 +1,10 @@
-"""Ready-made models. Each is a Sequential, so its state_dict names ("0.weight", ...)
-match the equivalent ``torch.nn.Sequential`` and weights move between the two.
-``seed`` makes the initialization reproducible (None: the global generator).
+"""Ready-made models, each a Sequential (state_dict names "0.weight", "2.bias", ...).
+
+Convolutions run with ``activation="relu"``: the bias add and the ReLU are one
+fused pass over the conv output (``bias_relu``) instead of two, which is the
+same math as torch's Conv2d + ReLU and, per parameter in order, the same
+weights. ``seed`` makes the initialization reproducible (None: the global
+generator).
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ class LeNet5(Sequential):
     def __init__(self, num_classes=10, dtype=np.float32, seed=0):
         with seeded(seed):
             super().__init__(
-                Conv2d(1, 6, 5, padding=2, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
-                Conv2d(6, 16, 5, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
+                Conv2d(1, 6, 5, padding=2, activation="relu", dtype=dtype), MaxPool2d(2),
+                Conv2d(6, 16, 5, activation="relu", dtype=dtype), MaxPool2d(2),
                 Flatten(),
                 Linear(400, 120, dtype=dtype), ReLU(inplace=True),
                 Linear(120, 84, dtype=dtype), ReLU(inplace=True),
@@ -55,8 +59,8 @@ class SmallCNN(Sequential):
     def __init__(self, num_classes=10, dtype=np.float32, seed=0):
         with seeded(seed):
             super().__init__(
-                Conv2d(3, 32, 3, padding=1, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
-                Conv2d(32, 64, 3, padding=1, dtype=dtype), ReLU(inplace=True), MaxPool2d(2),
+                Conv2d(3, 32, 3, padding=1, activation="relu", dtype=dtype), MaxPool2d(2),
+                Conv2d(32, 64, 3, padding=1, activation="relu", dtype=dtype), MaxPool2d(2),
                 Flatten(),
                 Linear(4096, 256, dtype=dtype), ReLU(inplace=True),
                 Linear(256, num_classes, dtype=dtype),

