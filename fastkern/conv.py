@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype
-from .gemm import gemm_serial
+from ._conv_gemm import NR, gemm_packed, mr_for, pack_a, pack_b, pack_bt, slp_vectorize
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 
 # Column workspace, all threads together. Each thread's tile (columns of one
@@ -66,36 +66,48 @@ def _workspace(dtype, n_threads, per_thread):
     return ws
 
 
-def _tiling(k_rows, m_rows, rows, ow, itemsize, n_threads, min_tiles=1):
-    """Output rows per tile so one thread's columns + output tile fit _TILE_BYTES (and the cap)."""
-    per_row = (k_rows + m_rows) * ow * itemsize
+def _tiling(k, kg, mg, mr, rows, ow, itemsize, n_threads, min_tiles=1):
+    """Output rows per tile so one thread's workspace fits _TILE_BYTES (and all threads the cap)."""
+    def nbytes(rt):
+        return _ws_floats(k, kg, mg, rt * ow, mr) * itemsize
+
     budget = min(_TILE_BYTES, _MAX_WORKSPACE_BYTES // n_threads)
-    rt = max(1, min(rows, budget // per_row))
-    if rows <= rt * 2 and per_row * rows * n_threads <= _MAX_WORKSPACE_BYTES:
-        rt = rows  # a whole sample is cheaper than two half tiles and an output copy
+    rt = rows
+    while rt > 1 and nbytes(rt) > budget:
+        rt = max(1, min(rt - 1, budget * rt // nbytes(rt)))
+    if 2 * rt >= rows and nbytes(rows) * n_threads <= _MAX_WORKSPACE_BYTES:
+        rt = rows  # a whole sample beats two tiles
     n_tiles = -(-rows // rt)
     if n_tiles < min_tiles:
         n_tiles = min(rows, min_tiles)
         rt = -(-rows // n_tiles)
         n_tiles = -(-rows // rt)
-    return rt, n_tiles
+    return rt, n_tiles, _ws_floats(k, kg, mg, rt * ow, mr)
 
 
 # ---------------------------------------------------------------------------
 # Kernels
 
 
+@njit(cache=True)
+def _pack_weights(w, wp, transpose, mr):
+    # w (G, Mg, Kg) -> per group, the packed A operand of W[g] (forward) or W[g].T (grad input)
+    for g in range(w.shape[0]):
+        if transpose:
+            pack_a(w[g].T, wp[g], mr)
+        else:
+            pack_a(w[g], wp[g], mr)
+
+
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, w, bias, has_bias, y, ws, geo, rt, n_tiles, n_threads):
-    # x (N, C, D, H, W); w (G, Mg, Kg); y (N, G, Mg, P); ws (T, >= K*pt + Mg*pt)
+def _forward_kernel(x, wp, mg, kg, mr, bias, has_bias, y, ws, geo, rt, n_tiles, n_threads):
+    # x (N, C, D, H, W); wp (G, packed Mg x Kg); y flat (N * G * Mg * P); ws (T, per-thread floats)
     n_samples, n_chan = x.shape[0], x.shape[1]
-    n_groups, mg, kg = w.shape
+    n_groups = wp.shape[0]
     ow = geo[14]
     rows = geo[12] * geo[13]
     p_all = rows * ow
     k = n_groups * kg
-    one = y.dtype.type(1)
-    zero = y.dtype.type(0)
     n_items = n_samples * n_tiles
     for t in prange(n_threads):
         buf = ws[t]
@@ -105,59 +117,70 @@ def _forward_kernel(x, w, bias, has_bias, y, ws, geo, rt, n_tiles, n_threads):
             r1 = min(r0 + rt, rows)
             pt = (r1 - r0) * ow
             col = buf[: k * pt].reshape((k, pt))
+            bp = buf[k * pt : k * pt + kg * _round_up(pt, NR)]
+            ct = buf[buf.size - mr * NR :]
             gather_rows(x[n], col, 0, n_chan, r0, r1, geo)
-            whole = pt == p_all
             for g in range(n_groups):
-                out = y[n, g] if whole else buf[k * pt : k * pt + mg * pt].reshape((mg, pt))
-                for m in range(mg):
-                    b = bias[g * mg + m] if has_bias else zero
-                    for p in range(pt):
-                        out[m, p] = b
-                gemm_serial(w[g], col[g * kg : (g + 1) * kg], out, one, one)
-                if not whole:
-                    for m in range(mg):
-                        for p in range(pt):
-                            y[n, g, m, r0 * ow + p] = out[m, p]
+                pack_b(col[g * kg : (g + 1) * kg], bp)
+                c0 = (n * n_groups + g) * mg * p_all + r0 * ow
+                gemm_packed(wp[g], bp, mg, pt, kg, mr, y, c0, p_all, False, bias[g * mg :], has_bias, ct)
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, x, w, dx, dw_part, db_part, ws, geo, rt, n_tiles, n_threads):
-    # gy (N, G, Mg, P); dx like x, written here; dw_part (T, G, Mg, Kg), db_part (T, G*Mg) zeroed.
+def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, n_tiles, n_threads):
+    # gy (N, G, Mg, P); wtp (G, packed W[g].T); dx like x; dw_part (T, G*Mg*Kg), db_part (T, G*Mg) zeroed
     n_samples, n_chan = x.shape[0], x.shape[1]
-    n_groups, mg, kg = w.shape
+    n_groups = wtp.shape[0]
     ow = geo[14]
     rows = geo[12] * geo[13]
-    p_all = rows * ow
     k = n_groups * kg
-    one = gy.dtype.type(1)
     zero = gy.dtype.type(0)
     for t in prange(n_threads):
         buf = ws[t]
+        ct = buf[buf.size - mr * NR :]
+        dw = dw_part[t]
         for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
             dx[n] = 0
             for tile in range(n_tiles):
                 r0 = tile * rt
                 r1 = min(r0 + rt, rows)
                 pt = (r1 - r0) * ow
-                col = buf[: k * pt].reshape((k, pt))
+                colf = buf[: k * pt]
+                col = colf.reshape((k, pt))
+                n_b = max(kg * _round_up(pt, NR), _round_up(kg, NR) * pt, mg * _round_up(pt, NR))
+                bp = buf[k * pt : k * pt + n_b]
+                ap = buf[k * pt + n_b : k * pt + n_b + _round_up(mg, mr) * pt]
                 gather_rows(x[n], col, 0, n_chan, r0, r1, geo)
-                whole = pt == p_all
                 for g in range(n_groups):
-                    gyg = gy[n, g] if whole else buf[k * pt : k * pt + mg * pt].reshape((mg, pt))
-                    if not whole:
-                        for m in range(mg):
-                            for p in range(pt):
-                                gyg[m, p] = gy[n, g, m, r0 * ow + p]
+                    band = gy[n, g][:, r0 * ow : r1 * ow]
                     for m in range(mg):
                         s = zero
                         for p in range(pt):
-                            s += gyg[m, p]
+                            s += band[m, p]
                         db_part[t, g * mg + m] += s
-                    colg = col[g * kg : (g + 1) * kg]
-                    gemm_serial(gyg, colg.T, dw_part[t, g], one, one)
-                    colg[:, :] = zero
-                    gemm_serial(w[g].T, gyg, colg, one, one)
+                    # grad weight: dW[g] += dy_band @ col[g].T
+                    pack_a(band, ap, mr)
+                    pack_bt(col[g * kg : (g + 1) * kg], bp)
+                    gemm_packed(ap, bp, mg, kg, pt, mr, dw, g * mg * kg, kg, True, ap, False, ct)
+                    # grad input columns, over col[g] (no longer needed): W[g].T @ dy_band
+                    pack_b(band, bp)
+                    gemm_packed(wtp[g], bp, kg, pt, mg, mr, colf, g * kg * pt, pt, False, ap, False, ct)
                 scatter_rows(dx[n], col, 0, n_chan, r0, r1, geo)
+
+
+@njit(inline="always")
+def _round_up(a, b):
+    return (a + b - 1) // b * b
+
+
+def _ws_floats(k, kg, mg, pt, mr):
+    """Per-thread workspace (elements) for a tile of ``pt`` outputs: columns, packed B, packed A, C tile."""
+    n_b = max(kg * _round_up_py(pt, NR), _round_up_py(kg, NR) * pt, mg * _round_up_py(pt, NR))
+    return k * pt + n_b + _round_up_py(mg, mr) * pt + mr * NR
+
+
+def _round_up_py(a, b):
+    return -(-a // b) * b
 
 
 # ---------------------------------------------------------------------------
@@ -213,12 +236,16 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
     n_groups, mg, kg = w3.shape
     rows, ow = geo[12] * geo[13], geo[14]
     n_threads = numba.get_num_threads()
-    rt, n_tiles = _tiling(n_groups * kg, mg, rows, ow, dtype.itemsize, n_threads,
-                          min_tiles=-(-n_threads // n))
-    ws = _workspace(dtype, n_threads, (n_groups * kg + mg) * rt * ow)
+    mr = mr_for(dtype)
+    rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads,
+                                      min_tiles=-(-n_threads // n))
+    ws = _workspace(dtype, n_threads, per_thread)
     has_bias = bias is not None
     b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, dtype)
-    _forward_kernel(x5, w3, b, has_bias, y.reshape((n, n_groups, mg, -1)), ws, geo, rt, n_tiles, n_threads)
+    wp = np.empty((n_groups, _round_up_py(mg, mr) * kg), dtype)
+    with slp_vectorize():
+        _pack_weights(w3, wp, False, mr)
+        _forward_kernel(x5, wp, mg, kg, mr, b, has_bias, y.reshape(-1), ws, geo, rt, n_tiles, n_threads)
     return y
 
 
@@ -239,10 +266,16 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
     db_part = np.zeros((n_threads, n_groups * mg), dtype=dtype)
     if n and grad_y.size:
         rows, ow = geo[12] * geo[13], geo[14]
-        rt, n_tiles = _tiling(n_groups * kg, mg, rows, ow, dtype.itemsize, n_threads)
-        ws = _workspace(dtype, n_threads, (n_groups * kg + mg) * rt * ow)
+        mr = mr_for(dtype)
+        rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
+        ws = _workspace(dtype, n_threads, per_thread)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups, mg, -1))
-        _backward_kernel(gy, x5, w3, dx.reshape(x5.shape), dw_part, db_part, ws, geo, rt, n_tiles, n_threads)
+        wtp = np.empty((n_groups, _round_up_py(kg, mr) * mg), dtype)
+        dwf = dw_part.reshape((n_threads, -1))
+        with slp_vectorize():
+            _pack_weights(w3, wtp, True, mr)
+            _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(x5.shape), dwf, db_part, ws, geo, rt,
+                             n_tiles, n_threads)
     else:
         dx.fill(0)
     grad_w = dw_part.sum(axis=0).reshape(weight.shape)

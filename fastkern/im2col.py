@@ -61,21 +61,26 @@ def gather_rows(x, col, c0, c1, r0, r1, geo):
                         oh = r - od * OH
                         iz = od * sd - pd + kd * dd
                         iy = oh * sh - ph + kh * dh
-                        q = (r - r0) * OW
+                        # Slices make every index provably >= 0 (no negative-index fix-up),
+                        # so the copies vectorize.
+                        dst = col[row, (r - r0) * OW : (r - r0 + 1) * OW]
                         if iz < 0 or iz >= D or iy < 0 or iy >= H:
                             for ow in range(OW):
-                                col[row, q + ow] = zero
+                                dst[ow] = zero
                             continue
                         for ow in range(lo):
-                            col[row, q + ow] = zero
+                            dst[ow] = zero
                         if sw == 1:
-                            for ow in range(lo, hi):
-                                col[row, q + ow] = x[c, iz, iy, ow + off]
+                            src = x[c, iz, iy, lo + off : hi + off]
+                            run = dst[lo:hi]
+                            for e in range(hi - lo):
+                                run[e] = src[e]
                         else:
+                            src = x[c, iz, iy]
                             for ow in range(lo, hi):
-                                col[row, q + ow] = x[c, iz, iy, ow * sw + off]
+                                dst[ow] = src[ow * sw + off]
                         for ow in range(hi, OW):
-                            col[row, q + ow] = zero
+                            dst[ow] = zero
 
 
 @njit(inline="always")
@@ -101,13 +106,15 @@ def scatter_rows(dx, col, c0, c1, r0, r1, geo):
                         iy = oh * sh - ph + kh * dh
                         if iz < 0 or iz >= D or iy < 0 or iy >= H:
                             continue
-                        q = (r - r0) * OW
+                        src = col[row, (r - r0) * OW + lo : (r - r0) * OW + hi]
                         if sw == 1:
-                            for ow in range(lo, hi):
-                                dx[c, iz, iy, ow + off] += col[row, q + ow]
+                            run = dx[c, iz, iy, lo + off : hi + off]
+                            for e in range(hi - lo):
+                                run[e] += src[e]
                         else:
-                            for ow in range(lo, hi):
-                                dx[c, iz, iy, ow * sw + off] += col[row, q + ow]
+                            drow = dx[c, iz, iy]
+                            for e in range(hi - lo):
+                                drow[(lo + e) * sw + off] += src[e]
 
 
 @njit(parallel=True, cache=True)
