@@ -3,7 +3,8 @@
 One step = forward + cross-entropy + backward + SGD(momentum 0.9) update, on
 random float32 data, both sides with ``--threads`` threads, timed interleaved
 in this process. Peak RSS of each side comes from a separate child process
-(so the two libraries' memory does not mix), and the cold start (import + JIT
+(so the two libraries' memory does not mix; its VmHWM, or getrusage's
+ru_maxrss where /proc is missing), and the cold start (import + JIT
 + first LeNet5 step, with an empty and then a warm Numba cache) from fresh
 interpreters.
 
@@ -155,7 +156,12 @@ else:
     step = c.ours_step(name, batch, shape)
 for _ in range(steps):
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+try:  # this process's own high-water mark: getrusage's ru_maxrss also counts the parent's
+    # pages when the child was vforked, so it is only the fallback
+    with open("/proc/self/status") as f:
+        print(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024)
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 # A child process: import + build LeNet5 + one training step, timed from interpreter start.
