@@ -28,4 +28,6 @@ def warmup(dtypes=("float32",)) -> float:
         regularization._warmup(dt)
         from . import optim
         optim._warmup(dt)
+        from . import conv
+        conv._warmup(dt)
     return time.perf_counter() - t0

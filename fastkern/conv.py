@@ -352,3 +352,11 @@ def conv3d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
 
 for _f in (conv1d, conv2d, conv3d, conv1d_backward, conv2d_backward, conv3d_backward):
     _f.__doc__ += _ARGS_DOC
+
+
+def _warmup(dtype):
+    """Compile the conv kernels for ``dtype`` (the 2-D path serves 1-D and 3-D too)."""
+    x = np.ones((1, 2, 4, 4), dtype)
+    w = np.ones((2, 1, 3, 3), dtype)
+    y = conv2d(x, w, np.ones(2, dtype), padding=1, groups=2)
+    conv2d_backward(np.ones_like(y), x, w, padding=1, groups=2)
