@@ -3,9 +3,10 @@
 One 3-D implementation serves all three ops (1-D/2-D inputs are views with
 leading spatial dims of size 1). Work is split over threads by sample: each
 thread im2col's one sample (or one tile of output rows of it) into its own
-slice of a cached workspace, while it is hot in L2, and multiplies it with the
-single-threaded ``gemm_serial``. So there is no threading inside the GEMM, and
-nothing is shared between threads except read-only inputs:
+slice of a cached workspace, while it is hot in L2, packs it and multiplies it
+with the single-threaded register-tiled GEMM of ``_conv_gemm``. So there is no
+threading inside the GEMM, and nothing is shared between threads except
+read-only inputs (the packed weights):
 
 * forward:        ``y[n, g] = W[g] @ col[g]``            (bias pre-filled, beta=1)
 * grad weight:    ``dW_t[g] += dy[n, g] @ col[g].T``       per-thread partials, summed at the end
