@@ -1,0 +1,162 @@
+"""Regression gate: fail when a benchmark got slower by more than a factor, twice.
+
+    python tools/bench_compare.py --factor 1.4 [--bench REGEX] [--rounds 4] BASE HEAD
+
+Runs ``asv continuous`` on the two commits, rounds of the two commits
+alternating so slow drifts in machine load hit both. A benchmark counts as
+slower when asv flags it (ratio of medians above the factor and the two sample
+sets significantly different) or when the ratio of the lower quartiles of its
+timing samples is above the factor. Load from other processes only ever adds
+time, so on a shared machine the lower quartile tracks the code's own cost
+when the median does not: a 2x slowdown measured while the machine was busy
+for half of the rounds shows up in the lower quartile and drowns in the median.
+
+A burst of load can still land on one commit's samples only, so every
+benchmark counted as slower is measured again (only those parameter
+combinations) and the gate fails only when the second comparison says so too.
+A real slowdown survives the second run; a burst of load does not repeat on
+the same benchmark.
+
+Exit status: 0 no confirmed regression, 1 regression confirmed, other values
+are asv's own failures (build errors, failing benchmarks).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+
+_WORSE_HEADER = "Benchmarks that have got worse"
+# A row of asv's markdown table: | + | before | after | ratio | name(params) |
+_ROW = re.compile(r"^\|\s*\S*\s*\|[^|]*\|[^|]*\|[^|]*\|\s*(?P<name>.+?)\s*\|\s*$")
+
+
+def run(cmd: list[str]) -> tuple[int, str]:
+    """Run ``cmd``, echoing its output as it comes; return (exit status, output)."""
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    return proc.wait(), "".join(lines)
+
+
+def worse(output: str) -> list[str]:
+    """Benchmark names, with their parameters, in asv's "got worse" table."""
+    names, inside = [], False
+    for line in output.splitlines():
+        if line.startswith(_WORSE_HEADER):
+            inside = True
+            continue
+        if inside and line.startswith("Benchmarks that have"):
+            break
+        m = _ROW.match(line.strip()) if inside else None
+        if m and not set(m.group("name")) <= set("-| ") and m.group("name") != "Benchmark (Parameter)":
+            names.append(m.group("name"))
+    return names
+
+
+def _results_file(results_dir, sha):
+    """Newest result file of commit ``sha`` (any machine, the single environment)."""
+    files = glob.glob(os.path.join(results_dir, "*", sha[:8] + "-*.json"))
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def lower_quartiles(results_dir, sha, regexes):
+    """{"name(params)": lower quartile of the timing samples} for benchmarks matching ``regexes``."""
+    path = _results_file(results_dir, sha)
+    if path is None:
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    columns = data["result_columns"]
+    out = {}
+    for name, row in data["results"].items():
+        r = dict(zip(columns, row))
+        q25 = r.get("stats_q_25")
+        if not q25:
+            continue  # not a timing benchmark
+        params = r.get("params") or []
+        combos = list(itertools.product(*params)) if params else [()]
+        for combo, q in zip(combos, q25):
+            full = f"{name}({', '.join(combo)})" if params else name
+            if q is not None and (not regexes or any(re.search(reg, full) for reg in regexes)):
+                out[full] = q
+    return out
+
+
+def slower_quartiles(results_dir, base, head, factor, regexes):
+    """Benchmarks whose lower-quartile time grew by more than ``factor``, with the ratio."""
+    a = lower_quartiles(results_dir, base, regexes)
+    b = lower_quartiles(results_dir, head, regexes)
+    return {k: b[k] / a[k] for k in sorted(a.keys() & b.keys()) if a[k] > 0 and b[k] / a[k] > factor}
+
+
+def rev_parse(rev):
+    return subprocess.run(["git", "rev-parse", rev + "^{commit}"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def continuous(asv, factor, rounds, benches, base, head, extra):
+    cmd = [asv, "continuous", "--factor", str(factor), "--interleave-rounds", "-a", f"rounds={rounds}",
+           "--split", "--show-stderr"]
+    for b in benches:
+        cmd += ["--bench", b]
+    return run(cmd + list(extra) + [base, head])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("base")
+    p.add_argument("head")
+    p.add_argument("--factor", type=float, required=True)
+    p.add_argument("--bench", action="append", default=[], help="asv --bench regex (repeatable)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per commit (asv -a rounds=)")
+    p.add_argument("--asv", default=os.path.join(os.path.dirname(sys.executable), "asv"))
+    p.add_argument("--results", default=".asv/results", help="results_dir of asv.conf.json")
+    p.add_argument("extra", nargs="*", help="further asv continuous options, after --")
+    args = p.parse_args(argv)
+
+    base, head = rev_parse(args.base), rev_parse(args.head)
+
+    def slower(rc, out, regexes):
+        """asv's own verdict joined with the lower-quartile one: {name: note}."""
+        found = {name: "asv: slower (median, significant)" for name in (worse(out) if rc == 1 else [])}
+        for name, ratio in slower_quartiles(args.results, base, head, args.factor, regexes).items():
+            found.setdefault(name, f"lower quartile {ratio:.2f}x")
+        return found
+
+    rc, out = continuous(args.asv, args.factor, args.rounds, args.bench, args.base, args.head, args.extra)
+    if rc not in (0, 1):
+        return rc  # asv's own failure: a build or a benchmark broke
+    flagged = slower(rc, out, args.bench)
+    if not flagged:
+        print(f"\nno regression: nothing in {args.head} is slower than {args.base} by more than {args.factor}x")
+        return 0
+    print(f"\n== {len(flagged)} benchmark(s) slower by more than {args.factor}x; measuring them again ==")
+    for name, note in flagged.items():
+        print(f"  {name}: {note}")
+    sys.stdout.flush()
+    exact = ["^" + re.escape(name) + "$" for name in flagged]
+    rc, out = continuous(args.asv, args.factor, args.rounds, exact, args.base, args.head, args.extra)
+    if rc not in (0, 1):
+        return rc
+    confirmed = slower(rc, out, exact)
+    if confirmed:
+        print(f"\nREGRESSION (confirmed by a second run): {args.head} is slower than {args.base} "
+              f"by more than {args.factor}x in:")
+        for name, note in confirmed.items():
+            print(f"  {name}: {note}")
+        return 1
+    print(f"\nno regression: the first run's slowdowns did not repeat (machine noise): {', '.join(flagged)}")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
