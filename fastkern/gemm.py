@@ -8,50 +8,485 @@ Internal contract used by other kernels (conv, linear):
   with all threads.
 * ``gemm_serial(a, b, c, alpha, beta)``: a single-threaded ``@njit`` kernel with
   the same meaning, callable from inside other kernels' ``prange`` loops.
+
+Design (BLIS/GotoBLAS layering). Every operand is seen as a flat 1-D buffer
+plus an offset and a row and column stride in elements, so one compiled
+signature per dtype serves C-ordered, transposed and strided views alike:
+
+* packing: an MC x KC block of A is copied into row micro-panels of MR rows
+  (k-major, zero padded), a KC x NC panel of B into column micro-panels of NR
+  columns (k-major, zero padded). Zero padding lets the micro-kernel always run
+  a full MR x NR tile; only the write-back of an edge tile is masked.
+* micro-kernel: an MR x NR tile accumulated in a stack array that LLVM keeps in
+  vector registers (compiled with the SLP vectorizer on and FMA contraction),
+  one broadcast of A times NR/16 vector loads of B per k step.
+* macro-kernel: loops the micro-kernel over one packed A block and B panel.
+* drivers: the packed parallel driver splits the rows of C (and, when they are
+  too few, the columns) among threads; the direct driver skips packing A for
+  small or skinny shapes whose K fits one block.
 """
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+from numba.np.arrayobj import make_array, populate_array
 
 from ._checks import check_no_overlap, check_out, check_scalar
 
 _MATMUL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# Block sizes. Registers: an MR x NR tile is 16 zmm accumulators (float32
+# 8 x 32, float64 4 x 32), enough independent FMA chains to cover the 4-cycle
+# latency at one 512-bit FMA per cycle, with 2 B loads + MR broadcasts per k.
+# L1 (32 KiB/core): one KC x NR micro-panel of B is reused by every A
+# micro-panel of a block (KC*NR*4 B = 24 KiB float32 at KC=192). L2 (1 MiB/core):
+# the packed MC x KC block of A (96 KiB float32) streams through it once per B
+# micro-panel. L3 (32 MiB, shared): the KC x NC panel of B (1.5 MiB float32),
+# packed once and read by both cores.
+NR = 32
+MR_F32, MR_F64 = 8, 4
+KC = 192
+MC = 128
+NC = 2048
+# Serial packing (inside other kernels' loops) uses a smaller B panel so its
+# per-call scratch stays small: KC x NC_SERIAL is 96 KiB float32.
+NC_SERIAL = 128
+# The direct driver (no packing of A) is used when K fits one block and the
+# output is narrow or small; below DIRECT_SERIAL_WORK multiply-adds one
+# thread is faster than waking the pool.
+DIRECT_MAX_N = 512
+DIRECT_SERIAL_WORK = 1 << 20
+
+
+# --------------------------------------------------------------------------- #
+# Compile with LLVM's SLP vectorizer on: it turns the unrolled tile updates
+# into packed FMAs. The flag is read when a library is optimized, so it is set
+# around every compile of these dispatchers, including compiles triggered by
+# other kernels calling gemm_serial, and restored afterwards.
+
+@contextlib.contextmanager
+def _slp_vectorize():
+    previous = numba.config.SLP_VECTORIZE
+    numba.config.SLP_VECTORIZE = True
+    try:
+        yield
+    finally:
+        numba.config.SLP_VECTORIZE = previous
+
+
+def _with_slp(dispatcher):
+    compile_ = dispatcher.compile
+
+    def compile(sig):
+        with _slp_vectorize():
+            return compile_(sig)
+
+    dispatcher.compile = compile
+    return dispatcher
+
+
+_FAST = {"contract"}  # FMA contraction only: no reassociation, NaN/inf kept
+
+
+# --------------------------------------------------------------------------- #
+# Tiny helpers.
+
+def _tile_rows(x):
+    """MR for the dtype of array ``x`` (a compile-time constant)."""
+
+
+@overload(_tile_rows, inline="always")
+def _tile_rows_impl(x):
+    mr = MR_F32 if x.dtype == types.float32 else MR_F64
+    return lambda x: mr
+
+
+@intrinsic
+def _register_tile(typingctx, like):
+    """An uninitialised MR*NR stack array of ``like``'s dtype.
+
+    Indexed only with constants after unrolling, LLVM promotes it to registers.
+    """
+    n = (MR_F32 if like.dtype == types.float32 else MR_F64) * NR
+    arrty = types.Array(like.dtype, 1, "C")
+
+    def codegen(context, builder, sig, args):
+        llty = context.get_data_type(like.dtype)
+        ptr = cgutils.alloca_once(builder, llty, size=n)
+        ary = make_array(arrty)(context, builder)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(llty))
+        populate_array(ary, data=ptr, shape=[context.get_constant(types.intp, n)],
+                       strides=[itemsize], itemsize=itemsize, meminfo=None)
+        return ary._getvalue()
+
+    return arrty(like), codegen
+
+
+@intrinsic
+def _flat_view(typingctx, arr, start, length):
+    """1-D C view of ``length`` elements of ``arr``'s memory from element offset ``start``
+    (relative to ``arr[0, 0]``; negative for negative strides). Borrowed: no refcount."""
+    arrty = types.Array(arr.dtype, 1, "C")
+
+    def codegen(context, builder, sig, args):
+        src = make_array(arr)(context, builder, value=args[0])
+        ptr = builder.gep(src.data, [args[1]])
+        ary = make_array(arrty)(context, builder)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(arr.dtype)))
+        populate_array(ary, data=ptr, shape=[args[2]], strides=[itemsize],
+                       itemsize=itemsize, meminfo=None)
+        return ary._getvalue()
+
+    return arrty(arr, types.intp, types.intp), codegen
+
+
+@njit(inline="always")
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@njit(inline="always")
+def _flat_of(x):
+    """(flat buffer, offset of x[0, 0], row stride, col stride) of a 2-D array."""
+    isz = x.itemsize
+    rs = x.strides[0] // isz
+    cs = x.strides[1] // isz
+    lo = min(0, (x.shape[0] - 1) * rs) + min(0, (x.shape[1] - 1) * cs)
+    hi = max(0, (x.shape[0] - 1) * rs) + max(0, (x.shape[1] - 1) * cs)
+    return _flat_view(x, lo, hi - lo + 1), -lo, rs, cs
+
+
+def _flat_np(x):
+    """NumPy twin of ``_flat_of``: a read-only 1-D view starting at the lowest address."""
+    isz = x.itemsize
+    if x.strides[0] % isz or x.strides[1] % isz:
+        x = np.ascontiguousarray(x)
+    rs, cs = x.strides[0] // isz, x.strides[1] // isz
+    i0 = x.shape[0] - 1 if rs < 0 else 0
+    j0 = x.shape[1] - 1 if cs < 0 else 0
+    span = abs((x.shape[0] - 1) * rs) + abs((x.shape[1] - 1) * cs) + 1
+    flat = np.lib.stride_tricks.as_strided(x[i0:, j0:], shape=(span,), strides=(isz,),
+                                           writeable=False)
+    return flat, -(i0 * rs + j0 * cs), rs, cs
+
+
+# --------------------------------------------------------------------------- #
+# Micro-kernel and write-back.
+
+@njit(fastmath=_FAST, cache=True)
+def _micro_kernel(kc, A, aoff, ars, acs, bp, tile):
+    """tile[i*NR + j] = sum_p A[aoff + i*ars + p*acs] * bp[p*NR + j]: one full MR x NR tile.
+
+    ``bp`` starts at a packed B micro-panel, so its indices are provably
+    non-negative and consecutive (no wraparound select), which is what lets the
+    SLP vectorizer fuse each row update into packed FMAs. A's element offset is
+    cast to unsigned for the same reason.
+    """
+    mr = _tile_rows(A)
+    acc = _register_tile(A)
+    for x in range(mr * NR):
+        acc[x] = 0
+    for p in range(kc):
+        for i in range(mr):
+            ai = A[np.uintp(aoff + p * acs + i * ars)]
+            for j in range(NR):
+                acc[i * NR + j] += ai * bp[p * NR + j]
+    for x in range(mr * NR):
+        tile[x] = acc[x]
+
+
+@njit(fastmath=_FAST, inline="always")
+def _store_tile(tile, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
+    """C[coff + i*crs + j*ccs] = alpha*tile + beta*C for tile rows [i_lo, i_hi), cols [0, nr)."""
+    for i in range(i_lo, i_hi):
+        row = coff + i * crs
+        if beta == 0:  # C may hold garbage or NaN: never read it
+            for j in range(nr):
+                C[row + j * ccs] = alpha * tile[i * NR + j]
+        else:
+            for j in range(nr):
+                C[row + j * ccs] = alpha * tile[i * NR + j] + beta * C[row + j * ccs]
+
+
+# --------------------------------------------------------------------------- #
+# Packing.
+
+@njit(inline="always")
+def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
+    """Rows [0, mc) x cols [0, kc) of A (from aoff) into MR-row micro-panels, zero padded."""
+    npan = _cdiv(mc, mr)
+    if acs == 1 or ars != 1:  # rows are the contiguous direction (or neither is)
+        for r in range(npan * mr):
+            dst = (r // mr) * mr * kc + r % mr
+            if r < mc:
+                src = aoff + r * ars
+                for p in range(kc):
+                    buf[dst + p * mr] = A[src + p * acs]
+            else:
+                for p in range(kc):
+                    buf[dst + p * mr] = 0
+    else:  # transposed A: walk down its columns
+        for q in range(npan):
+            rows = min(mr, mc - q * mr)
+            for p in range(kc):
+                dst = q * mr * kc + p * mr
+                src = aoff + q * mr * ars + p * acs
+                for i in range(rows):
+                    buf[dst + i] = A[src + i]
+                for i in range(rows, mr):
+                    buf[dst + i] = 0
+
+
+@njit(inline="always")
+def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
+    """kc x nr block of B (from boff) into one k-major NR-wide micro-panel, zero padded."""
+    if bcs == 1 or brs != 1:
+        for p in range(kc):
+            src = boff + p * brs
+            d = dst + p * NR
+            for j in range(nr):
+                buf[d + j] = B[src + j * bcs]
+            for j in range(nr, NR):
+                buf[d + j] = 0
+    else:  # transposed B: walk down its columns
+        for j in range(nr):
+            src = boff + j * bcs
+            for p in range(kc):
+                buf[dst + p * NR + j] = B[src + p]
+        for p in range(kc):
+            for j in range(nr, NR):
+                buf[dst + p * NR + j] = 0
+
+
+@njit(inline="always")
+def _pack_b(B, boff, brs, bcs, kc, nc, buf):
+    for q in range(_cdiv(nc, NR)):
+        _pack_b_panel(B, boff + q * NR * bcs, brs, bcs, kc, min(NR, nc - q * NR), buf, q * NR * kc)
+
+
+# --------------------------------------------------------------------------- #
+# Macro-kernel and drivers.
+
+@njit(fastmath=_FAST, cache=True)
+def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
+    """C block (mc x nc at coff) = alpha * packed A block @ packed B panel + beta * C."""
+    mr = _tile_rows(ap)
+    tile = _register_tile(ap)
+    for jr in range(0, nc, NR):
+        nr = min(NR, nc - jr)
+        for ir in range(0, mc, mr):
+            _micro_kernel(kc, ap, ir * kc, 1, mr, bp[bpoff + jr * kc:], tile)
+            _store_tile(tile, 0, min(mr, mc - ir), nr, C, coff + ir * crs + jr * ccs,
+                        crs, ccs, alpha, beta)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, alpha, beta):
+    """Rows [i_lo, i_hi) of C from unpacked A and a fully packed B (k <= KC, m >= MR).
+
+    A ragged last row block is shifted up to end at row m (all rows valid,
+    nothing to pad); only its new rows are written.
+    """
+    mr = _tile_rows(A)
+    tile = _register_tile(A)
+    for jr in range(0, n, NR):
+        nr = min(NR, n - jr)
+        for ir in range(i_lo, i_hi, mr):
+            i0 = min(ir, m - mr)
+            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, bp[jr * k:], tile)
+            _store_tile(tile, ir - i0, min(ir + mr, i_hi) - i0, nr, C,
+                        coff + i0 * crs + jr * ccs, crs, ccs, alpha, beta)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _scale(C, coff, crs, ccs, m, n, beta):
+    for i in range(m):
+        for j in range(n):
+            idx = coff + i * crs + j * ccs
+            C[idx] = 0 if beta == 0 else beta * C[idx]
+
+
+@njit(fastmath=_FAST, cache=True)
+def _use_direct(m, n, k, mr):
+    return k <= KC and m >= mr and n <= DIRECT_MAX_N
+
+
+@njit(fastmath=_FAST, cache=True)
+def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
+                      alpha, beta):
+    """Single-threaded GEMM on flat operands; allocates only small scratch."""
+    if k == 0:
+        _scale(C, coff, crs, ccs, m, n, beta)
+        return
+    mr = _tile_rows(A)
+    if _use_direct(m, n, k, mr):
+        bp = np.empty(k * _cdiv(n, NR) * NR, A.dtype)
+        _pack_b(B, boff, brs, bcs, k, n, bp)
+        _direct_rows(0, m, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, alpha, beta)
+        return
+    kcm = min(k, KC)
+    ap = np.empty(_cdiv(min(m, MC), mr) * mr * kcm, A.dtype)
+    bp = np.empty(_cdiv(min(n, NC_SERIAL), NR) * NR * kcm, A.dtype)
+    for jc in range(0, n, NC_SERIAL):
+        nc = min(NC_SERIAL, n - jc)
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
+            bt = beta if pc == 0 else 1
+            for ic in range(0, m, MC):
+                mc = min(MC, m - ic)
+                _pack_a(A, aoff + ic * ars + pc * acs, ars, acs, mc, kc, ap, mr)
+                _macro_kernel(ap, bp, 0, kc, mc, nc, C, coff + ic * crs + jc * ccs,
+                              crs, ccs, alpha, bt)
+
+
+@njit(fastmath=_FAST, parallel=True, cache=True)
+def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta,
+                        abufs, bbuf, nthreads):
+    """All-threads packed GEMM into C-contiguous flat C (m x n); k >= 1.
+
+    Row blocks of C are dealt to ``nthreads`` workers round-robin (their count a
+    multiple of the thread count); when M gives fewer blocks than threads, each
+    block's columns are split too. B panels are packed cooperatively, A blocks
+    by each worker into its own buffer ``abufs[w]``.
+    """
+    mr = _tile_rows(A)
+    nblk = _cdiv(_cdiv(m, MC), nthreads) * nthreads
+    mc = _cdiv(_cdiv(m, nblk), mr) * mr
+    nblk = _cdiv(m, mc)
+    nsplit = max(1, nthreads // nblk)
+    for jc in range(0, n, NC):
+        nc = min(NC, n - jc)
+        npan = _cdiv(nc, NR)
+        per = _cdiv(npan, nsplit)
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            for q in prange(npan):
+                _pack_b_panel(B, boff + pc * brs + (jc + q * NR) * bcs, brs, bcs, kc,
+                              min(NR, nc - q * NR), bbuf, q * NR * kc)
+            bt = beta if pc == 0 else 1
+            for w in prange(nthreads):
+                ap = abufs[w]
+                for t in range(w, nblk * nsplit, nthreads):
+                    ic = (t // nsplit) * mc
+                    j_lo = (t % nsplit) * per * NR
+                    j_hi = min(nc, j_lo + per * NR)
+                    if j_lo < j_hi:
+                        mcc = min(mc, m - ic)
+                        _pack_a(A, aoff + ic * ars + pc * acs, ars, acs, mcc, kc, ap, mr)
+                        _macro_kernel(ap, bbuf, j_lo * kc, kc, mcc, j_hi - j_lo, C,
+                                      ic * n + jc + j_lo, n, 1, alpha, bt)
+
+
+@njit(fastmath=_FAST, parallel=True, cache=True)
+def _direct_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta, bbuf,
+                     nthreads):
+    """All-threads direct GEMM (k <= KC): B packed once, rows of A used in place."""
+    mr = _tile_rows(A)
+    _pack_b(B, boff, brs, bcs, k, n, bbuf)
+    rows = _cdiv(_cdiv(m, nthreads * 4), mr) * mr  # a few blocks per thread for balance
+    for t in prange(_cdiv(m, rows)):
+        i_lo = t * rows
+        _direct_rows(i_lo, min(m, i_lo + rows), m, n, k, A, aoff, ars, acs, bbuf, C, 0, n, 1,
+                     alpha, beta)
+
+
+@njit(fastmath=_FAST, nogil=True, cache=True)
+def _direct_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta, bbuf,
+                   nthreads=1):
+    """Single-threaded direct GEMM for small shapes called from Python (no pool wake-up)."""
+    _pack_b(B, boff, brs, bcs, k, n, bbuf)
+    _direct_rows(0, m, m, n, k, A, aoff, ars, acs, bbuf, C, 0, n, 1, alpha, beta)
+
 
 @njit(cache=True, nogil=True)
 def gemm_serial(a, b, c, alpha, beta):
+    """``c = alpha * a @ b + beta * c`` on one thread, for use inside other kernels."""
     m, k = a.shape
     n = b.shape[1]
-    for i in range(m):
-        for j in range(n):
-            c[i, j] *= beta
-        for p in range(k):
-            s = alpha * a[i, p]
-            for j in range(n):
-                c[i, j] += s * b[p, j]
+    if m == 0 or n == 0:
+        return
+    fa, aoff, ars, acs = _flat_of(a)
+    fb, boff, brs, bcs = _flat_of(b)
+    fc, coff, crs, ccs = _flat_of(c)
+    _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, coff, crs, ccs,
+                      alpha, beta)
 
 
-@njit(cache=True, parallel=True)
-def _gemm_parallel(a, b, c, alpha, beta):
-    m, k = a.shape
-    n = b.shape[1]
-    for i in prange(m):
-        for j in range(n):
-            c[i, j] *= beta
-        for p in range(k):
-            s = alpha * a[i, p]
-            for j in range(n):
-                c[i, j] += s * b[p, j]
+for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
+           _gemm_flat_serial, _macro_kernel, _direct_rows, _micro_kernel):
+    _with_slp(_d)
+
+
+# --------------------------------------------------------------------------- #
+# Python side: reusable workspaces, dispatch, public API.
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(dtype, a_elems, b_elems):
+    """Per-dtype packing buffers, kept between calls and grown on demand.
+
+    Kernels hold the GIL while they run, so calls from several Python threads
+    use the buffers one after another.
+    """
+    abufs, bbuf = _WORKSPACES.get(dtype, (None, None))
+    nthreads = numba.config.NUMBA_NUM_THREADS
+    if abufs is None or abufs.shape[1] < a_elems:
+        abufs = np.empty((nthreads, max(a_elems, 1)), dtype)
+    if bbuf is None or bbuf.size < b_elems:
+        bbuf = np.empty(max(b_elems, 1), dtype)
+    _WORKSPACES[dtype] = (abufs, bbuf)
+    return abufs, bbuf
+
+
+def _mr(dtype):
+    return MR_F32 if dtype == np.float32 else MR_F64
+
+
+def _cdiv_py(a, b):
+    return -(-a // b)
 
 
 def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     """``out = alpha * a @ b + beta * out`` with no validation (see module docstring)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        return out
     dt = out.dtype.type
-    if beta == 0.0:
-        out.fill(0)  # beta * NaN must not leak into a fresh result
-        beta = 1.0
-    _gemm_parallel(a, b, out, dt(alpha), dt(beta))
+    alpha, beta = dt(alpha), dt(beta)
+    fc = out.reshape(-1)
+    if k == 0:
+        if beta == 0:
+            out.fill(0)
+        else:
+            out *= beta
+        return out
+    fa, aoff, ars, acs = _flat_np(a)
+    fb, boff, brs, bcs = _flat_np(b)
+    mr = _mr(out.dtype)
+    nthreads = numba.get_num_threads()
+    if k <= KC and m >= mr and n <= DIRECT_MAX_N:
+        _, bbuf = _workspace(out.dtype, 0, k * _cdiv_py(n, NR) * NR)
+        args = (m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta, bbuf, nthreads)
+        if m * n * k <= DIRECT_SERIAL_WORK or nthreads == 1:
+            _direct_serial(*args)
+        else:
+            _direct_parallel(*args)
+        return out
+    kc = min(k, KC)
+    abufs, bbuf = _workspace(out.dtype, _cdiv_py(MC, mr) * mr * kc,
+                             _cdiv_py(min(n, NC), NR) * NR * kc)
+    _gemm_flat_parallel(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta,
+                        abufs, bbuf, nthreads)
     return out
 
 
@@ -82,6 +517,8 @@ def matmul(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)
     ``out=None`` a new array is returned and ``beta`` is ignored. Otherwise
     ``out`` must be a C-contiguous array of shape (M, N) and the inputs' dtype,
     not overlapping either input; it is updated in place and returned.
+    Any strides are accepted for ``a`` and ``b`` (they are packed internally).
+    Uses :func:`fastkern.get_num_threads` threads.
 
     Raises TypeError for non-float or mixed dtypes and ValueError for
     mismatched shapes, naming the shapes and transposes.
@@ -99,3 +536,15 @@ def matmul(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)
     if m == 0 or n == 0:
         return out
     return gemm_into(opa, opb, out, alpha, beta)
+
+
+def _warmup(dtype):
+    """Compile (or load from cache) the kernels matmul and gemm_serial use for ``dtype``."""
+    dtype = np.dtype(dtype).type
+    x = np.ones((MR_F32, KC + 1), dtype)
+    gemm_into(x, x.T, np.empty((MR_F32, MR_F32), dtype))  # packed parallel
+    gemm_into(x[:, :4], x[:, :4].T, np.empty((MR_F32, MR_F32), dtype))  # direct serial
+    y = np.ones((512, 64), dtype)
+    gemm_into(y, y.T[:, :64], np.empty((512, 64), dtype))  # direct parallel
+    c = np.empty((2, 2), dtype)
+    gemm_serial(x[:2, :3], x[:3, :2], c, dtype(1), dtype(0))

@@ -1,0 +1,183 @@
+"""fastkern.matmul against float64 numpy on random shapes, views and scalars."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+import fastkern
+from fastkern import gemm
+from fastkern.threads import max_threads
+
+# 0, 1, primes, sizes around the tile (MR=8/4, NR=32) and block (KC=192, MC=128) edges.
+SIZES = st.sampled_from([0, 1, 2, 3, 5, 7, 8, 13, 31, 33, 64, 97, 129, 193, 200, 263])
+DTYPES = st.sampled_from(["float32", "float64"])
+
+
+def _tol(dtype, k, scale=1.0):
+    eps = 1e-5 if dtype == np.float32 else 1e-12
+    return eps * max(k, 1) * scale
+
+
+def _reference(a, b, trans_a, trans_b, alpha, beta, out):
+    opa = a.T if trans_a else a
+    opb = b.T if trans_b else b
+    ref = alpha * np.matmul(opa.astype(np.float64), opb.astype(np.float64))
+    if out is not None:
+        ref += beta * out.astype(np.float64)
+    return ref
+
+
+def _operand(rng, rows, cols, dtype, view):
+    """A (rows, cols) operand as a plain, transposed, strided or sliced view."""
+    if view == "T":
+        return rng.standard_normal((cols, rows)).astype(dtype).T
+    if view == "step":
+        return rng.standard_normal((2 * rows, 3 * cols)).astype(dtype)[::2, ::3]
+    if view == "slice":
+        return rng.standard_normal((rows + 3, cols + 5)).astype(dtype)[2:rows + 2, 1:cols + 1]
+    if view == "neg":
+        return rng.standard_normal((rows, cols)).astype(dtype)[::-1]
+    return rng.standard_normal((rows, cols)).astype(dtype)
+
+
+VIEWS = st.sampled_from(["C", "T", "step", "slice", "neg"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=SIZES, k=SIZES, n=SIZES, dtype=DTYPES, va=VIEWS, vb=VIEWS,
+       trans_a=st.booleans(), trans_b=st.booleans(), use_out=st.booleans(),
+       alpha=st.sampled_from([1.0, -0.5, 2.0]), beta=st.sampled_from([0.0, 1.0, -1.5]),
+       seed=st.integers(0, 2**16))
+def test_matmul_matches_numpy(m, k, n, dtype, va, vb, trans_a, trans_b, use_out, alpha, beta,
+                              seed):
+    rng = np.random.default_rng(seed)
+    a = _operand(rng, *((k, m) if trans_a else (m, k)), dtype, va)
+    b = _operand(rng, *((n, k) if trans_b else (k, n)), dtype, vb)
+    out = rng.standard_normal((m, n)).astype(dtype) if use_out else None
+    ref = _reference(a, b, trans_a, trans_b, alpha, beta, out)
+    got = fastkern.matmul(a, b, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, out=out)
+    assert got.shape == (m, n) and got.dtype == np.dtype(dtype)
+    if out is not None:
+        assert got is out
+    np.testing.assert_allclose(got, ref, rtol=0, atol=_tol(np.dtype(dtype), k, 4.0 + abs(beta)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(36864 // 8, 25, 6), (4096, 150, 16), (64, 400, 120),
+                                   (64, 120, 84), (300, 700, 2100), (5, 1000, 3)])
+def test_matmul_cnn_and_blocked_shapes(dtype, shape):
+    m, k, n = shape
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_allclose(fastkern.matmul(a, b), ref, rtol=0, atol=_tol(np.dtype(dtype), k, 4))
+
+
+def test_beta_zero_ignores_nan_in_out():
+    a = np.ones((9, 4), np.float32)
+    out = np.full((9, 9), np.nan, np.float32)
+    fastkern.matmul(a, a, trans_b=True, beta=0.0, out=out)
+    np.testing.assert_array_equal(out, np.full((9, 9), 4.0, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_k_zero(dtype):
+    a = np.ones((4, 0), dtype)
+    b = np.ones((0, 3), dtype)
+    np.testing.assert_array_equal(fastkern.matmul(a, b), np.zeros((4, 3), dtype))
+    out = np.full((4, 3), 2.0, dtype)
+    fastkern.matmul(a, b, beta=1.5, out=out)
+    np.testing.assert_array_equal(out, np.full((4, 3), 3.0, dtype))
+    out = np.full((4, 3), np.nan, dtype)
+    fastkern.matmul(a, b, beta=0.0, out=out)
+    np.testing.assert_array_equal(out, np.zeros((4, 3), dtype))
+
+
+def test_empty_m_or_n():
+    assert fastkern.matmul(np.ones((0, 5)), np.ones((5, 3))).shape == (0, 3)
+    assert fastkern.matmul(np.ones((2, 5)), np.ones((5, 0))).shape == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_result_independent_of_thread_count(dtype):
+    if max_threads() < 2:
+        pytest.skip("needs 2 threads")
+    rng = np.random.default_rng(2)
+    for m, k, n in [(300, 400, 257), (4096, 150, 16), (3, 500, 70)]:
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((k, n)).astype(dtype)
+        with fastkern.threads(1):
+            one = fastkern.matmul(a, b)
+        with fastkern.threads(2):
+            two = fastkern.matmul(a, b)
+        np.testing.assert_allclose(one, two, rtol=0, atol=_tol(np.dtype(dtype), k))
+
+
+@njit
+def _call_gemm_serial(a, b, c, alpha, beta):
+    gemm.gemm_serial(a, b, c, alpha, beta)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(3, 5, 2), (40, 300, 50), (9, 20, 300), (130, 200, 70)])
+def test_gemm_serial_inside_njit(dtype, shape):
+    m, k, n = shape
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((k, m)).astype(dtype).T  # transposed view
+    b = rng.standard_normal((k, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    ref = 2.0 * (a.astype(np.float64) @ b.astype(np.float64)) - 0.5 * c
+    _call_gemm_serial(a, b, c, 2.0, -0.5)
+    np.testing.assert_allclose(c, ref, rtol=0, atol=_tol(np.dtype(dtype), k, 6))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("da, db", [("int64", "int64"), ("complex64", "complex64"),
+                                    ("float32", "float64"), ("float16", "float16")])
+def test_bad_dtypes_raise_type_error(da, db):
+    with pytest.raises(TypeError, match=f"a: {da}, b: {db}"):
+        fastkern.matmul(np.ones((2, 2), da), np.ones((2, 2), db))
+
+
+def test_non_array_raises_type_error():
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        fastkern.matmul([[1.0]], np.ones((1, 1)))
+
+
+def test_shape_mismatch_names_shapes_and_transposes():
+    with pytest.raises(ValueError, match=r"a.shape=\(2, 3\) \(trans_a=False\).*b.shape=\(4, 5\) "
+                                         r"\(trans_b=True\)"):
+        fastkern.matmul(np.ones((2, 3)), np.ones((4, 5)), trans_b=True)
+    with pytest.raises(ValueError, match="2-D"):
+        fastkern.matmul(np.ones(3), np.ones((3, 2)))
+
+
+def test_bad_out_raises():
+    a = np.ones((3, 4))
+    b = np.ones((4, 5))
+    with pytest.raises(ValueError, match="shape"):
+        fastkern.matmul(a, b, out=np.empty((3, 4)))
+    with pytest.raises(TypeError, match="dtype"):
+        fastkern.matmul(a, b, out=np.empty((3, 5), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fastkern.matmul(a, b, out=np.empty((5, 3)).T)
+    buf = np.ones(32)
+    with pytest.raises(ValueError, match="overlaps input a"):
+        fastkern.matmul(buf[:16].reshape(4, 4), np.ones((4, 4)), out=buf[8:24].reshape(4, 4))
+
+
+def test_out_overlapping_input_raises():
+    x = np.ones((4, 4))
+    with pytest.raises(ValueError, match="overlaps input b"):
+        fastkern.matmul(np.ones((4, 4)), x, out=x)
+
+
+def test_bad_scalars_raise():
+    a = np.ones((2, 2))
+    with pytest.raises(TypeError, match="alpha"):
+        fastkern.matmul(a, a, alpha="2")
+    with pytest.raises(ValueError, match="beta"):
+        fastkern.matmul(a, a, beta=float("nan"), out=np.zeros((2, 2)))
