@@ -144,48 +144,90 @@ def _max_plane(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 @njit(cache=True, nogil=True)
-def _max_2x2_plane(x, y, idx, with_idx):
-    """kernel 2, stride 2, no padding/dilation: four loads, three compares per output."""
+def _max_2x2_row_exact(r0, r1, y, idx, with_idx, base, w):
+    """torch's sequential scan (strict >, a NaN always wins) for one output row."""
+    for ow in range(y.size):
+        a, b = r0[2 * ow], r0[2 * ow + 1]
+        c, d = r1[2 * ow], r1[2 * ow + 1]
+        t = (b > a) | (b != b)
+        best = b if t else a
+        off = 1 if t else 0
+        t = (c > best) | (c != c)
+        best = c if t else best
+        off = w if t else off
+        t = (d > best) | (d != d)
+        best = d if t else best
+        off = w + 1 if t else off
+        y[ow] = best
+        if with_idx:
+            idx[ow] = base + 2 * ow + off
+
+
+@njit(cache=True, nogil=True)
+def _max_2x2_plane(x, y, idx, with_idx, off):
+    """kernel 2, stride 2, no padding/dilation.
+
+    The max of four is branch-free and vectorizes; the winner's offset is the
+    first of the four equal to it (torch's tie rule), kept as int32 in ``off``
+    so the compare/select lanes stay 16 wide, then widened to int64 in a
+    second unit-stride loop. A NaN anywhere in the row (seen through the
+    window sums) sends that row to the exact sequential scan instead.
+    """
     w = x.shape[1]
     oh_, ow_ = y.shape
+    w32 = np.int32(w)
     for oh in range(oh_):
         r0 = x[2 * oh]
         r1 = x[2 * oh + 1]
+        base = 2 * oh * w
+        nan = False
         for ow in range(ow_):
             a, b = r0[2 * ow], r0[2 * ow + 1]
             c, d = r1[2 * ow], r1[2 * ow + 1]
-            best, off = a, 0
-            if b > best or np.isnan(b):
-                best, off = b, 1
-            if c > best or np.isnan(c):
-                best, off = c, w
-            if d > best or np.isnan(d):
-                best, off = d, w + 1
-            y[oh, ow] = best
-            if with_idx:
-                idx[oh, ow] = 2 * oh * w + 2 * ow + off
+            m = max(max(a, b), max(c, d))
+            s = a + b + c + d
+            nan |= s != s
+            o = w32 + np.int32(1)
+            o = w32 if c == m else o
+            o = np.int32(1) if b == m else o
+            o = np.int32(0) if a == m else o
+            y[oh, ow] = m
+            off[ow] = o
+        if nan:
+            _max_2x2_row_exact(r0, r1, y[oh], idx[oh] if with_idx else idx[0], with_idx, base, w)
+        elif with_idx:
+            for ow in range(ow_):
+                idx[oh, ow] = base + 2 * ow + off[ow]
+
+
+# Planes per prange iteration: amortizes the per-block scratch row, and at
+# 8 planes of a 32x32 float32 map (32 KiB) a block is still far below L2.
+PLANE_BLOCK = 8
+
+
+@njit(cache=True, nogil=True)
+def _max_plane_range(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw, lo, hi):
+    fast = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
+    off = np.empty(y.shape[2], np.int32)
+    for p in range(lo, hi):
+        ip = idx[p] if with_idx else idx[0]
+        if fast:
+            _max_2x2_plane(x[p], y[p], ip, with_idx, off)
+        else:
+            _max_plane(x[p], y[p], ip, with_idx, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 @njit(cache=True, nogil=True)
 def _max_planes(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
-    fast = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
-    for p in range(x.shape[0]):
-        ip = idx[p] if with_idx else idx[0]
-        if fast:
-            _max_2x2_plane(x[p], y[p], ip, with_idx)
-        else:
-            _max_plane(x[p], y[p], ip, with_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+    _max_plane_range(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw, 0, x.shape[0])
 
 
 @njit(cache=True, parallel=True)
 def _max_planes_par(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
-    fast = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0 and dh == 1 and dw == 1
-    for p in prange(x.shape[0]):
-        ip = idx[p] if with_idx else idx[0]
-        if fast:
-            _max_2x2_plane(x[p], y[p], ip, with_idx)
-        else:
-            _max_plane(x[p], y[p], ip, with_idx, kh, kw, sh, sw, ph, pw, dh, dw)
+    n = x.shape[0]
+    for b in prange((n + PLANE_BLOCK - 1) // PLANE_BLOCK):
+        _max_plane_range(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw,
+                         b * PLANE_BLOCK, min(n, (b + 1) * PLANE_BLOCK))
 
 
 def _max_pool(x, nd, kernel_size, stride, padding, dilation, return_indices):
