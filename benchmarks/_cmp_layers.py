@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._timing import interleaved_medians, print_table, torch_or_none
+import time
+
+from ._timing import median_seconds, print_table, torch_or_none
 
 LINEAR = [(64, 400, 120), (64, 120, 84), (64, 84, 10), (128, 4096, 256)]
 BATCH_NORM = [(64, 32, 16, 16), (128, 256)]
@@ -95,6 +97,24 @@ def _dropout_cases(fk, torch, rng, shapes):
         yield f"dropout {shape}", fns
 
 
+def blocked_medians(fns, *, repeat, min_time=0.02, settle=0.3):
+    """Median of each callable, timed one after the other rather than interleaved.
+
+    numba's and torch's OpenMP pools both spin-wait after a parallel region; on
+    2 cores, alternating them call by call makes each wait out the other's
+    spinning threads and measures that contention, not the kernels (calls up
+    to 100x slower). Each callable first runs ``settle`` seconds so the other
+    pool has gone to sleep.
+    """
+    out = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < settle:
+            fn()
+        out.append(median_seconds(fn, repeat=repeat, warmup=0, min_time=min_time))
+    return out
+
+
 def main(args):
     import fastkern as fk
     from fastkern.threads import max_threads
@@ -112,7 +132,7 @@ def main(args):
         cases = list(_linear_cases(fk, torch, rng)) + cases
     rows = []
     for name, fns in cases:
-        t = interleaved_medians(fns, repeat=args.repeat, warmup=3, min_time=0.02)
+        t = blocked_medians(fns, repeat=args.repeat)
         row = [name, t[0] * 1e6, t[1] * 1e6]
         if torch is not None:
             row += [t[2] * 1e6, t[3] * 1e6, t[2] / t[0], t[3] / t[1]]
