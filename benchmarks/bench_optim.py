@@ -2,26 +2,29 @@
 import numpy as np
 
 import fastkern
+from fastkern.threads import max_threads
 
 N = 1 << 20
+THREADS = [1, max_threads()] if max_threads() > 1 else [1]
 
 
 class OptimizerUpdate:
     """One in-place update of a 1M-element float32/float64 parameter."""
 
     params = (["sgd", "sgd_nesterov", "adam", "adamw_amsgrad", "rmsprop_centered"],
-              ["float32", "float64"])
-    param_names = ["update", "dtype"]
+              ["float32", "float64"], THREADS)
+    param_names = ["update", "dtype", "threads"]
 
-    def setup(self, update, dtype):
+    def setup(self, update, dtype, threads):
+        fastkern.set_num_threads(threads)
         rng = np.random.default_rng(0)
         self.p = rng.standard_normal(N).astype(dtype)
         self.g = rng.standard_normal(N).astype(dtype)
         self.s = [np.zeros(N, dtype) for _ in range(3)]
         self.step = 1
-        self.time_update(update, dtype)  # compiles (or loads) the kernel for dtype
+        self.time_update(update, dtype, threads)  # compiles (or loads) the kernel for dtype
 
-    def time_update(self, update, dtype):
+    def time_update(self, update, dtype, threads):
         p, g, s = self.p, self.g, self.s
         if update == "sgd":
             fastkern.sgd_update(p, g, s[0], lr=1e-3, momentum=0.9)

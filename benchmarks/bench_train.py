@@ -5,6 +5,8 @@ import fastkern
 import models
 from fastkern.threads import max_threads
 
+THREADS = [1, max_threads()] if max_threads() > 1 else [1]
+
 # (model, batch, input shape): LeNet5 and SmallCNN at the batch sizes the
 # comparison with torch uses; the MLP and logistic regression on flat MNIST.
 CASES = {
@@ -16,14 +18,14 @@ CASES = {
 
 
 class TrainStep:
-    """One SGD training step of a zoo model on random float32 data, 2 threads."""
+    """One SGD training step of a zoo model on random float32 data."""
 
-    params = (list(CASES),)
-    param_names = ["model"]
+    params = (list(CASES), THREADS)
+    param_names = ["model", "threads"]
     timeout = 300
 
-    def setup(self, name):
-        fastkern.set_num_threads(min(2, max_threads()))
+    def setup(self, name, threads):
+        fastkern.set_num_threads(threads)
         batch, shape, make = CASES[name]
         self.batch = batch
         self.model = make()
@@ -41,10 +43,10 @@ class TrainStep:
         self.opt.step()
         self.opt.zero_grad()
 
-    def time_training_step(self, name):
+    def time_training_step(self, name, threads):
         self.step()
 
-    def track_images_per_second(self, name):
+    def track_images_per_second(self, name, threads):
         import time
 
         t0 = time.perf_counter()
@@ -54,5 +56,5 @@ class TrainStep:
 
     track_images_per_second.unit = "images/s"
 
-    def peakmem_training_step(self, name):
+    def peakmem_training_step(self, name, threads):
         self.step()
