@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import FLOAT_DTYPES, check_scalar
+from .regularization import reg_grad_elem
 
 # Below this many elements (1 MiB of float32) one core streams the update in
 # tens of microseconds, about what waking the thread pool costs; it also keeps
@@ -41,12 +42,8 @@ PARALLEL_MIN_SIZE = 1 << 18
 
 @njit(cache=True, inline="always")
 def _regularized(p, g, weight_decay, l1):
-    g = g + weight_decay * p
-    if p > 0:
-        g = g + l1
-    elif p < 0:
-        g = g - l1
-    return g
+    # The penalties' gradient, l1*sign(p) + weight_decay*p, shared with fastkern.regularization.
+    return g + reg_grad_elem(p, l1, weight_decay)
 
 
 @njit(cache=True, inline="always")
