@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import itertools
 import time
 
 from ._timing import median_seconds, print_table, torch_or_none
@@ -124,12 +125,13 @@ def main(args):
         torch.set_num_threads(args.threads)
     fk.set_num_threads(min(args.threads, max_threads()))
     rng = np.random.default_rng(0)
-    cases = list(_batch_norm_cases(fk, torch, rng)) + list(
-        _dropout_cases(fk, torch, rng, QUICK["dropout"] if args.quick else DROPOUT))
-    if args.quick:
-        cases = list(_linear_cases(fk, torch, rng))[:1] + cases
-    else:
-        cases = list(_linear_cases(fk, torch, rng)) + cases
+    # Each case is timed before the generator moves on: its closures read the
+    # generator's current arrays.
+    cases = itertools.chain(
+        itertools.islice(_linear_cases(fk, torch, rng), 1 if args.quick else None),
+        _batch_norm_cases(fk, torch, rng),
+        _dropout_cases(fk, torch, rng, QUICK["dropout"] if args.quick else DROPOUT),
+    )
     rows = []
     for name, fns in cases:
         t = blocked_medians(fns, repeat=args.repeat)
