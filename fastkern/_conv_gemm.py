@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import numba
+import numpy as np
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -189,3 +190,80 @@ def gemm_packed(ap, bp, m, n, k, mr, c, coff, ldc, accumulate, bias, has_bias, c
                     bv = bias[ib + i] if has_bias else zero
                     for j in range(nr):
                         dst[j] = ct[i * NR + j] + bv
+
+
+# ---------------------------------------------------------------------------
+# Implicit GEMM for stride-1 convolutions. With the input zero-padded into a
+# (C, Hp, Wp) buffer and the output computed on the same "wide" grid of Wp
+# columns per row (the last (KW-1)*dW of each row are discarded), row
+# (c, kh, kw) of the column matrix is one contiguous run of the flat padded
+# input starting at c*Hp*Wp + kh*dH*Wp + kw*dW. So B needs neither im2col nor
+# packing: the micro-kernel reads each k step's NR values through a table of
+# row offsets.
+
+
+@njit(fastmath={"contract"}, cache=True)
+def _iukernel8(kc, ap, aoff, src, boffs, base, ct):
+    acc = _tile8(ap)
+    for x in range(8 * NR):
+        acc[x] = 0
+    for p in range(kc):
+        b = src[np.uintp(boffs[p] + base):]
+        a = ap[np.uintp(aoff + p * 8):]
+        for i in range(8):
+            av = a[i]
+            for j in range(NR):
+                acc[i * NR + j] += av * b[j]
+    for x in range(8 * NR):
+        ct[x] = acc[x]
+
+
+@njit(fastmath={"contract"}, cache=True)
+def _iukernel4(kc, ap, aoff, src, boffs, base, ct):
+    acc = _tile4(ap)
+    for x in range(4 * NR):
+        acc[x] = 0
+    for p in range(kc):
+        b = src[np.uintp(boffs[p] + base):]
+        a = ap[np.uintp(aoff + p * 4):]
+        for i in range(4):
+            av = a[i]
+            for j in range(NR):
+                acc[i * NR + j] += av * b[j]
+    for x in range(4 * NR):
+        ct[x] = acc[x]
+
+
+@njit(inline="always")
+def gemm_implicit(ap, src, boffs, base, m, k, mr, nw, wp, ow, c, coff, ldc, bias, has_bias, ct):
+    """``C = A @ B (+ bias per row)`` with B row p = ``src[base + boffs[p] : ...]`` on the wide grid.
+
+    Wide column ``j`` is output ``(j // wp, j % wp)``; those with ``j % wp >= ow``
+    are dropped. C element (i, oh, ow') lands at ``c[coff + i * ldc + oh * ow + ow']``.
+    """
+    zero = c.dtype.type(0)
+    for jb in range(0, nw, NR):
+        nr = min(NR, nw - jb)
+        for ib in range(0, m, mr):
+            rows = min(mr, m - ib)
+            aoff = (ib // mr) * k * mr
+            if mr == 8:
+                _iukernel8(k, ap, aoff, src, boffs, base + jb, ct)
+            else:
+                _iukernel4(k, ap, aoff, src, boffs, base + jb, ct)
+            e = 0
+            while e < nr:
+                j = jb + e
+                oh = j // wp
+                x0 = j - oh * wp
+                run = min(nr - e, wp - x0)
+                valid = min(run, ow - x0)
+                if valid > 0:
+                    for i in range(rows):
+                        bv = bias[ib + i] if has_bias else zero
+                        d0 = coff + (ib + i) * ldc + oh * ow + x0
+                        dst = c[d0 : d0 + valid]
+                        s = ct[i * NR + e : i * NR + e + valid]
+                        for q in range(valid):
+                            dst[q] = s[q] + bv
+                e += run

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype
-from ._conv_gemm import NR, gemm_packed, mr_for, pack_a, pack_b, pack_bt, slp_vectorize
+from ._conv_gemm import NR, gemm_implicit, gemm_packed, mr_for, pack_a, pack_b, pack_bt, slp_vectorize
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 
 # Column workspace, all threads together. Each thread's tile (columns of one
@@ -34,6 +34,13 @@ from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 # only way past it).
 _TILE_BYTES = 1 << 20
 _MAX_WORKSPACE_BYTES = 64 << 20
+
+# The stride-1 forward runs on the wide grid (no im2col, see _conv_gemm) while
+# its wasted columns (the kernel's reach at the end of every output row, and
+# the last tile's padding to NR) keep this fraction of the plain columns' tile
+# efficiency.
+_IMPLICIT = True
+_IMPLICIT_MIN_EFFICIENCY = 0.75
 
 _workspaces: dict = {}
 _peak_bytes = 0
@@ -54,14 +61,14 @@ def clear_workspaces() -> None:
     _workspaces.clear()
 
 
-def _workspace(dtype, n_threads, per_thread):
+def _workspace(dtype, n_threads, per_thread, kind=""):
     global _peak_bytes
-    key = np.dtype(dtype)
+    key = np.dtype(dtype) if not kind else (kind, np.dtype(dtype))
     ws = _workspaces.get(key)
     if ws is None or ws.shape[0] != n_threads or ws.shape[1] < per_thread:
         old = 0 if ws is None or ws.shape[0] != n_threads else ws.shape[1]
         _workspaces.pop(key, None)
-        ws = np.empty((n_threads, max(per_thread, old)), dtype=key)
+        ws = np.empty((n_threads, max(per_thread, old)), dtype=dtype)
         _workspaces[key] = ws
         _peak_bytes = max(_peak_bytes, workspace_bytes())
     return ws
@@ -125,6 +132,33 @@ def _forward_kernel(x, wp, mg, kg, mr, bias, has_bias, y, ws, geo, rt, n_tiles, 
                 pack_b(col[g * kg : (g + 1) * kg], bp)
                 c0 = (n * n_groups + g) * mg * p_all + r0 * ow
                 gemm_packed(wp[g], bp, mg, pt, kg, mr, y, c0, p_all, False, bias[g * mg :], has_bias, ct)
+
+
+@njit(parallel=True, cache=True)
+def _implicit_kernel(x, wp, mg, kg, mr, bias, has_bias, y, pad, boffs, ph, pw, hp, wpad, ow, n_threads):
+    # Stride-1 conv on the wide grid: x (N, C, H, W); pad (T, >= C*hp*wpad + NR) per-thread
+    # zero-bordered copies of one sample; boffs (Kg,) B row offsets of group 0; y flat (N, G*Mg, OH*OW).
+    n_samples, n_chan, h, w = x.shape
+    n_groups = wp.shape[0]
+    cg = n_chan // n_groups
+    plane = hp * wpad
+    p_all = y.size // (n_samples * n_groups * mg)
+    nw = (p_all // ow - 1) * wpad + ow
+    for t in prange(n_threads):
+        buf = pad[t, : n_chan * plane + NR]
+        buf[:] = 0  # the borders stay zero: each sample overwrites the interior only
+        ct = np.empty(mr * NR, buf.dtype)
+        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
+            for c in range(n_chan):
+                for r in range(h):
+                    d0 = c * plane + (r + ph) * wpad + pw
+                    dst = buf[d0 : d0 + w]
+                    src = x[n, c, r]
+                    for e in range(w):
+                        dst[e] = src[e]
+            for g in range(n_groups):
+                gemm_implicit(wp[g], buf, boffs, g * cg * plane, mg, kg, mr, nw, wpad, ow,
+                              y, (n * n_groups + g) * mg * p_all, p_all, bias[g * mg :], has_bias, ct)
 
 
 @njit(parallel=True, cache=True)
@@ -227,6 +261,45 @@ def _prepare(nd, x, weight, stride, padding, dilation, groups, kernel, geo_args)
     return x5, w3, geo, out
 
 
+def _implicit_geometry(geo, x_hw, c_in, itemsize):
+    """(ph, pw, Hp, Wp) of the stride-1 wide-grid path for ``geo``, or None where it does not apply.
+
+    It applies to 1-D/2-D stride-1 convolutions whose wide grid wastes little
+    more of the NR-wide tiles than the plain columns do, and whose padded
+    per-thread copies fit the workspace cap.
+    """
+    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
+    if kd != 1 or od != 1 or pd != 0 or sd != 1 or sh != 1 or sw != 1:
+        return None
+    hp, wpad = oh + (kh - 1) * dh, ow + (kw - 1) * dw
+    if ph < 0 or pw < 0 or hp - x_hw[0] - ph < 0 or wpad - x_hw[1] - pw < 0:
+        return None
+    nw = (oh - 1) * wpad + ow  # wide columns up to the last real output
+    if _round_up_py(oh * ow, NR) < _IMPLICIT_MIN_EFFICIENCY * _round_up_py(nw, NR):
+        return None
+    if (c_in * hp * wpad + NR) * itemsize * numba.get_num_threads() > _MAX_WORKSPACE_BYTES:
+        return None
+    return ph, pw, hp, wpad
+
+
+def _implicit_conv(x4, w3, bias, has_bias, kernel_hw, dil_hw, igeo, ow, y):
+    """Stride-1 convolution of x4 (N, C, H, W) by w3 (G, Mg, C/G * kH * kW) on the wide grid into flat y."""
+    n, c = x4.shape[:2]
+    n_groups, mg, kg = w3.shape
+    ph, pw, hp, wpad = igeo
+    (kh, kw), (dh, dw) = kernel_hw, dil_hw
+    cg = c // n_groups
+    boffs = (np.arange(cg)[:, None, None] * (hp * wpad) + np.arange(kh)[None, :, None] * (dh * wpad)
+             + np.arange(kw)[None, None, :] * dw).reshape(-1).astype(np.int64)
+    n_threads = numba.get_num_threads()
+    mr = mr_for(x4.dtype)
+    pad = _workspace(x4.dtype, n_threads, c * hp * wpad + NR, "pad")
+    wp = np.empty((n_groups, _round_up_py(mg, mr) * kg), x4.dtype)
+    with slp_vectorize():
+        _pack_weights(w3, wp, False, mr)
+        _implicit_kernel(x4, wp, mg, kg, mr, bias, has_bias, y, pad, boffs, ph, pw, hp, wpad, ow, n_threads)
+
+
 def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
     dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op)
     x5, w3, geo, out = _prepare(nd, x, weight, stride, padding, dilation, groups, kernel, geo_args)
@@ -240,9 +313,13 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
     mr = mr_for(dtype)
     rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads,
                                       min_tiles=-(-n_threads // n))
-    ws = _workspace(dtype, n_threads, per_thread)
     has_bias = bias is not None
     b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, dtype)
+    igeo = _implicit_geometry(geo, x5.shape[3:], x5.shape[1], dtype.itemsize) if _IMPLICIT else None
+    if igeo is not None:
+        _implicit_conv(x5[:, :, 0], w3, b, has_bias, geo[1:3], geo[10:12], igeo, ow, y.reshape(-1))
+        return y
+    ws = _workspace(dtype, n_threads, per_thread)
     wp = np.empty((n_groups, _round_up_py(mg, mr) * kg), dtype)
     with slp_vectorize():
         _pack_weights(w3, wp, False, mr)

@@ -202,15 +202,56 @@ def test_non_contiguous_inputs_and_deterministic_results():
         assert np.array_equal(a, b)
 
 
-def test_workspace_is_reused_and_bounded():
+@pytest.mark.parametrize("stride", [1, 2], ids=["wide-grid", "columns"])
+def test_workspace_is_reused_and_bounded(stride):
     x = np.ones((4, 3, 10, 10), np.float32)
     w = np.ones((5, 3, 3, 3), np.float32)
-    fastkern.conv2d(x, w)
-    ws = conv_mod._workspaces[np.dtype(np.float32)]
-    fastkern.conv2d(x, w)
-    assert conv_mod._workspaces[np.dtype(np.float32)] is ws
+    fastkern.conv2d(x, w, stride=stride)
+    before = dict(conv_mod._workspaces)
+    fastkern.conv2d(x, w, stride=stride)
+    fastkern.conv2d_backward(np.ones((4, 5, 8, 8), np.float32), x, w)
+    fastkern.conv2d(x, w, stride=stride)
+    assert before and all(conv_mod._workspaces[k] is v for k, v in before.items())
     assert 0 < conv_mod.workspace_bytes() <= conv_mod._MAX_WORKSPACE_BYTES
     assert conv_mod.peak_workspace_bytes() >= conv_mod.workspace_bytes()
+
+
+WIDE_GRID_CASES = [
+    # (x shape, weight shape, padding, dilation, groups): LeNet-like, 'same' with an even
+    # kernel (asymmetric padding), dilation, groups, 1-D, a ragged last tile
+    ((3, 1, 12, 12), (6, 1, 5, 5), 2, 1, 1),
+    ((2, 6, 7, 9), (5, 6, 4, 4), "same", 1, 1),
+    ((2, 4, 9, 8), (6, 2, 3, 2), (1, 0), (2, 3), 2),
+    ((3, 5, 30), (9, 5, 3), 1, 1, 1),
+    ((2, 3, 6, 33), (17, 3, 3, 3), 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", WIDE_GRID_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_stride_one_wide_grid_path_matches_reference_and_column_path(case, dtype, monkeypatch):
+    x_shape, w_shape, padding, dilation, groups = case
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    args = dict(stride=1, padding=padding, dilation=dilation, groups=groups)
+    fwd = FWD[x.ndim - 2]
+    monkeypatch.setattr(conv_mod, "_IMPLICIT_MIN_EFFICIENCY", 0.0)  # always take it when it applies
+    calls = []
+    monkeypatch.setattr(conv_mod, "_implicit_kernel", _spy(conv_mod._implicit_kernel, calls))
+    y = fwd(x, w, b, **args)
+    assert calls, "the wide-grid path was not taken"
+    np.testing.assert_allclose(y, naive_conv(x, w, b, **args), **tol(dtype))
+    monkeypatch.setattr(conv_mod, "_IMPLICIT", False)
+    np.testing.assert_allclose(y, fwd(x, w, b, **args), **tol(dtype))
+
+
+def _spy(fn, calls):
+    def wrapped(*a):
+        calls.append(1)
+        return fn(*a)
+    return wrapped
 
 
 # ---------------------------------------------------------------------------
