@@ -41,6 +41,7 @@ _MAX_WORKSPACE_BYTES = 64 << 20
 # efficiency.
 _IMPLICIT = True
 _IMPLICIT_MIN_EFFICIENCY = 0.75
+_IMPLICIT_DX_MIN_ROWS = 8
 
 _workspaces: dict = {}
 _peak_bytes = 0
@@ -162,7 +163,7 @@ def _implicit_kernel(x, wp, mg, kg, mr, bias, has_bias, y, pad, boffs, ph, pw, h
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, n_tiles, n_threads):
+def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, n_tiles, n_threads, do_dx):
     # gy (N, G, Mg, P); wtp (G, packed W[g].T); dx like x; dw_part (T, G*Mg*Kg), db_part (T, G*Mg) zeroed
     n_samples, n_chan = x.shape[0], x.shape[1]
     n_groups = wtp.shape[0]
@@ -175,7 +176,8 @@ def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, 
         ct = buf[buf.size - mr * NR :]
         dw = dw_part[t]
         for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
-            dx[n] = 0
+            if do_dx:
+                dx[n] = 0
             for tile in range(n_tiles):
                 r0 = tile * rt
                 r1 = min(r0 + rt, rows)
@@ -198,9 +200,11 @@ def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, 
                     pack_bt(col[g * kg : (g + 1) * kg], bp)
                     gemm_packed(ap, bp, mg, kg, pt, mr, dw, g * mg * kg, kg, True, ap, False, ct)
                     # grad input columns, over col[g] (no longer needed): W[g].T @ dy_band
-                    pack_b(band, bp)
-                    gemm_packed(wtp[g], bp, kg, pt, mg, mr, colf, g * kg * pt, pt, False, ap, False, ct)
-                scatter_rows(dx[n], col, 0, n_chan, r0, r1, geo)
+                    if do_dx:
+                        pack_b(band, bp)
+                        gemm_packed(wtp[g], bp, kg, pt, mg, mr, colf, g * kg * pt, pt, False, ap, False, ct)
+                if do_dx:
+                    scatter_rows(dx[n], col, 0, n_chan, r0, r1, geo)
 
 
 @njit(inline="always")
@@ -327,6 +331,21 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
     return y
 
 
+def _transposed_geometry(geo, cg, x_hw, c_out, itemsize):
+    """Wide-grid geometry of grad_x as a stride-1 convolution of grad_y, or None.
+
+    grad_y is padded by the kernel's reach minus the forward padding on each
+    side (a forward padding beyond the reach would need cropping instead).
+    """
+    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
+    if cg < _IMPLICIT_DX_MIN_ROWS or kd != 1 or od != 1 or pd != 0 or sd != 1 or sh != 1 or sw != 1:
+        return None
+    if oh - x_hw[0] < 0 or ow - x_hw[1] < 0:
+        return None  # grad_y's padding would be wider than the forward's: more multiply-adds
+    tgeo = (1, kh, kw, 1, 1, 1, 0, (kh - 1) * dh - ph, (kw - 1) * dw - pw, 1, dh, dw, 1) + tuple(x_hw)
+    return _implicit_geometry(tgeo, (oh, ow), c_out, itemsize)
+
+
 def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op):
     dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, None, stride, padding, dilation, groups, op)
     check_array(grad_y, "grad_y", nd + 2)
@@ -347,13 +366,23 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         mr = mr_for(dtype)
         rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
         ws = _workspace(dtype, n_threads, per_thread)
+        tgeo = (_transposed_geometry(geo, x5.shape[1] // n_groups, x5.shape[3:], n_groups * mg, dtype.itemsize)
+                if _IMPLICIT else None)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups, mg, -1))
         wtp = np.empty((n_groups, _round_up_py(kg, mr) * mg), dtype)
         dwf = dw_part.reshape((n_threads, -1))
         with slp_vectorize():
             _pack_weights(w3, wtp, True, mr)
             _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(x5.shape), dwf, db_part, ws, geo, rt,
-                             n_tiles, n_threads)
+                             n_tiles, n_threads, tgeo is None)
+        if tgeo is not None:
+            # stride 1: grad_x is grad_y convolved with the flipped, channel-transposed weights
+            kh, kw = geo[1], geo[2]
+            cg = x5.shape[1] // n_groups
+            wt = np.ascontiguousarray(w3.reshape(n_groups, mg, cg, kh, kw)[:, :, :, ::-1, ::-1]
+                                      .transpose(0, 2, 1, 3, 4)).reshape(n_groups, cg, mg * kh * kw)
+            _implicit_conv(gy.reshape((n, n_groups * mg, geo[13], geo[14])), wt, np.zeros(1, dtype), False,
+                           (kh, kw), geo[10:12], tgeo, x5.shape[4], dx.reshape(-1))
     else:
         dx.fill(0)
     grad_w = dw_part.sum(axis=0).reshape(weight.shape)

@@ -247,6 +247,41 @@ def test_stride_one_wide_grid_path_matches_reference_and_column_path(case, dtype
     np.testing.assert_allclose(y, fwd(x, w, b, **args), **tol(dtype))
 
 
+TRANSPOSED_CASES = [
+    # (x shape, weight shape, padding, dilation, groups): full, 'same' with an even kernel,
+    # dilation, groups, 1-D
+    ((2, 8, 9, 7), (5, 8, 3, 3), 1, 1, 1),
+    ((2, 8, 6, 7), (4, 8, 4, 2), "same", 1, 1),
+    ((2, 16, 9, 8), (6, 8, 3, 2), (2, 2), (2, 3), 2),
+    ((3, 8, 20), (9, 8, 3), 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_stride_one_grad_input_as_transposed_convolution(case, dtype, monkeypatch):
+    # grad_x = grad_y convolved with the flipped, channel-transposed kernel, on the wide grid
+    x_shape, w_shape, padding, dilation, groups = case
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    args = dict(stride=1, padding=padding, dilation=dilation, groups=groups)
+    bwd = BWD[x.ndim - 2]
+    gy = rng.standard_normal(naive_conv(x, w, None, **args).shape).astype(dtype)
+    monkeypatch.setattr(conv_mod, "_IMPLICIT_MIN_EFFICIENCY", 0.0)
+    calls = []
+    monkeypatch.setattr(conv_mod, "_implicit_kernel", _spy(conv_mod._implicit_kernel, calls))
+    dx, dw, db = bwd(gy, x, w, **args)
+    assert calls, "grad_x did not take the wide-grid path"
+    u = rng.standard_normal(x.shape)
+    lhs = np.sum(gy * naive_conv(u, w, None, **args))
+    assert abs(np.sum(dx * u) - lhs) <= (1e-3 if dtype == np.float32 else 1e-9) * (1 + abs(lhs))
+    monkeypatch.setattr(conv_mod, "_IMPLICIT", False)
+    dx2, dw2, db2 = bwd(gy, x, w, **args)
+    for a, b in ((dx, dx2), (dw, dw2), (db, db2)):
+        np.testing.assert_allclose(a, b, **tol(dtype))
+
+
 def _spy(fn, calls):
     def wrapped(*a):
         calls.append(1)
