@@ -81,11 +81,16 @@ def _run(span, par, threshold, *arrays):
 
 
 # ---------------------------------------------------------------- ReLU
+# Span kernels take (lo, hi) but loop over slices: with ``range(lo, hi)``
+# numba cannot prove the index non-negative and keeps its wraparound check,
+# which makes the loop ~10x slower; ``range(slice.size)`` vectorizes.
 
 
 @njit(cache=True, nogil=True)
 def _relu_span(x, y, lo, hi):
-    for i in range(lo, hi):
+    x = x[lo:hi]
+    y = y[lo:hi]
+    for i in range(x.size):
         v = x[i]
         y[i] = 0 if v < 0 else v  # NaN passes through, as in torch
 
@@ -107,7 +112,10 @@ def relu(x, out=None):
 
 @njit(cache=True, nogil=True)
 def _relu_backward_span(g, x, gx, lo, hi):
-    for i in range(lo, hi):
+    g = g[lo:hi]
+    x = x[lo:hi]
+    gx = gx[lo:hi]
+    for i in range(g.size):
         gx[i] = g[i] if x[i] > 0 else 0
 
 
@@ -131,7 +139,9 @@ def relu_backward(grad_y, x, out=None):
 
 @njit(cache=True, nogil=True)
 def _leaky_relu_span(x, slope, y, lo, hi):
-    for i in range(lo, hi):
+    x = x[lo:hi]
+    y = y[lo:hi]
+    for i in range(x.size):
         v = x[i]
         y[i] = v if v > 0 else v * slope
 
@@ -158,7 +168,10 @@ def leaky_relu(x, negative_slope=0.01, out=None):
 
 @njit(cache=True, nogil=True)
 def _leaky_relu_backward_span(g, x, slope, gx, lo, hi):
-    for i in range(lo, hi):
+    g = g[lo:hi]
+    x = x[lo:hi]
+    gx = gx[lo:hi]
+    for i in range(g.size):
         gx[i] = g[i] if x[i] > 0 else g[i] * slope
 
 
@@ -188,7 +201,9 @@ def leaky_relu_backward(grad_y, x, negative_slope=0.01, out=None):
 @njit(cache=True, nogil=True)
 def _sigmoid_span(x, y, lo, hi):
     # exp(-|x|) never overflows: 1/(1+e) for x >= 0 and e/(1+e) for x < 0.
-    for i in range(lo, hi):
+    x = x[lo:hi]
+    y = y[lo:hi]
+    for i in range(x.size):
         v = x[i]
         e = np.exp(-abs(v))
         s = 1 / (1 + e)
@@ -212,7 +227,10 @@ def sigmoid(x, out=None):
 
 @njit(cache=True, nogil=True)
 def _sigmoid_backward_span(g, y, gx, lo, hi):
-    for i in range(lo, hi):
+    g = g[lo:hi]
+    y = y[lo:hi]
+    gx = gx[lo:hi]
+    for i in range(g.size):
         s = y[i]
         gx[i] = g[i] * s * (1 - s)
 
@@ -237,7 +255,9 @@ def sigmoid_backward(grad_y, y, out=None):
 
 @njit(cache=True, nogil=True)
 def _tanh_span(x, y, lo, hi):
-    for i in range(lo, hi):
+    x = x[lo:hi]
+    y = y[lo:hi]
+    for i in range(x.size):
         y[i] = np.tanh(x[i])
 
 
@@ -258,7 +278,10 @@ def tanh(x, out=None):
 
 @njit(cache=True, nogil=True)
 def _tanh_backward_span(g, y, gx, lo, hi):
-    for i in range(lo, hi):
+    g = g[lo:hi]
+    y = y[lo:hi]
+    gx = gx[lo:hi]
+    for i in range(g.size):
         t = y[i]
         gx[i] = g[i] * (1 - t * t)
 

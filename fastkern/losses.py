@@ -137,10 +137,15 @@ def nll_loss(log_probs, labels, reduction="mean"):
 # ---------------------------------------------------------------- elementwise losses
 
 
+# Spans slice their arrays and loop over range(size): a provably non-negative
+# index lets LLVM drop numba's wraparound check and vectorize.
 @njit(cache=True, nogil=True)
 def _mse_span(x, t, scale2, grad, lo, hi):
     s = 0.0
-    for i in range(lo, hi):
+    x = x[lo:hi]
+    t = t[lo:hi]
+    grad = grad[lo:hi]
+    for i in range(x.size):
         d = x[i] - t[i]
         grad[i] = scale2 * d
         s += d * d
@@ -174,7 +179,10 @@ def _bce_term(x, t):
 @njit(cache=True, nogil=True)
 def _bce_span(x, t, scale, grad, lo, hi):
     s = 0.0
-    for i in range(lo, hi):
+    x = x[lo:hi]
+    t = t[lo:hi]
+    grad = grad[lo:hi]
+    for i in range(x.size):
         loss, d = _bce_term(x[i], t[i])
         grad[i] = scale * d
         s += loss
