@@ -207,6 +207,88 @@ def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, 
                     scatter_rows(dx[n], col, 0, n_chan, r0, r1, geo)
 
 
+@njit(parallel=True, cache=True)
+def _wide_backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, boffs, ph, pw, hp, wpad, nwr,
+                          n_threads, do_dx):
+    # Stride-1 backward on the wide grid (see _implicit_kernel): gy (N, G, Mg, OH, OW); x, dx (N, C, H, W).
+    # With grad_y spread onto the wide grid (zeros in the discarded columns) as dyw (G*Mg, nwr), the
+    # columns are colw[kk, j] = xp[boffs[kk] + j]: grad weight is dyw @ colw.T, packed straight from
+    # the padded sample, and grad input columns W.T @ dyw fold back by one contiguous add per row.
+    n_samples, n_chan, h, w = x.shape
+    n_groups = wtp.shape[0]
+    oh, ow = gy.shape[3], gy.shape[4]
+    cg = n_chan // n_groups
+    plane = hp * wpad
+    xs = n_chan * plane + NR
+    kgr = _round_up(kg, NR)
+    zero = x.dtype.type(0)
+    for t in prange(n_threads):
+        buf = ws[t]
+        xp = buf[:xs]
+        dxp = buf[xs : 2 * xs]
+        o = 2 * xs
+        dyw = buf[o : o + n_groups * mg * nwr].reshape((n_groups * mg, nwr))
+        o += n_groups * mg * nwr
+        colw = buf[o : o + kg * nwr].reshape((kg, nwr))
+        o += kg * nwr
+        bt = buf[o : o + kgr * nwr]
+        o += kgr * nwr
+        ap = buf[o : o + _round_up(mg, mr) * nwr]
+        o += _round_up(mg, mr) * nwr
+        bp = buf[o : o + mg * nwr]
+        o += mg * nwr
+        ct = buf[o : o + mr * NR]
+        buf[: o] = 0  # borders, discarded columns and the tile's padding rows stay zero
+        dw = dw_part[t]
+        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
+            for c in range(n_chan):
+                for r in range(h):
+                    d0 = c * plane + (r + ph) * wpad + pw
+                    dst = xp[d0 : d0 + w]
+                    src = x[n, c, r]
+                    for e in range(w):
+                        dst[e] = src[e]
+            for g in range(n_groups):
+                for m in range(mg):
+                    row = dyw[g * mg + m]
+                    s = zero
+                    for r in range(oh):
+                        src = gy[n, g, m, r]
+                        dst = row[r * wpad : r * wpad + ow]
+                        for e in range(ow):
+                            dst[e] = src[e]
+                            s += src[e]
+                    db_part[t, g * mg + m] += s
+            for g in range(n_groups):
+                base = g * cg * plane
+                # grad weight: dW[g] += dyw[g] @ colw.T, colw.T packed into NR-column panels
+                for kk in range(kg):
+                    src = xp[base + boffs[kk] : base + boffs[kk] + nwr]
+                    pan = bt[(kk // NR) * nwr * NR + kk % NR :]
+                    for j in range(nwr):
+                        pan[j * NR] = src[j]
+                band = dyw[g * mg : (g + 1) * mg]
+                pack_a(band, ap, mr)
+                gemm_packed(ap, bt, mg, kg, nwr, mr, dw, g * mg * kg, kg, True, ap, False, ct)
+                if do_dx:
+                    pack_b(band, bp)
+                    gemm_packed(wtp[g], bp, kg, nwr, mg, mr, colw.reshape(-1), 0, nwr, False, ap, False, ct)
+                    for kk in range(kg):
+                        dst = dxp[base + boffs[kk] : base + boffs[kk] + nwr]
+                        src = colw[kk]
+                        for j in range(nwr):
+                            dst[j] += src[j]
+            if do_dx:
+                for c in range(n_chan):
+                    for r in range(h):
+                        d0 = c * plane + (r + ph) * wpad + pw
+                        src = dxp[d0 : d0 + w]
+                        dst = dx[n, c, r]
+                        for e in range(w):
+                            dst[e] = src[e]
+                dxp[:] = 0
+
+
 @njit(inline="always")
 def _round_up(a, b):
     return (a + b - 1) // b * b
@@ -216,6 +298,13 @@ def _ws_floats(k, kg, mg, pt, mr):
     """Per-thread workspace (elements) for a tile of ``pt`` outputs: columns, packed B, packed A, C tile."""
     n_b = max(kg * _round_up_py(pt, NR), _round_up_py(kg, NR) * pt, mg * _round_up_py(pt, NR))
     return k * pt + n_b + _round_up_py(mg, mr) * pt + mr * NR
+
+
+def _wide_ws_floats(x_floats, m, kg, mg, mr, nwr):
+    """Per-thread workspace (elements) of the wide-grid backward: padded x and dx, wide grad_y,
+    columns, their packed transpose, packed grad_y as A and as B, C tile."""
+    return (2 * (x_floats + NR) + m * nwr + kg * nwr + _round_up_py(kg, NR) * nwr
+            + _round_up_py(mg, mr) * nwr + mg * nwr + mr * NR)
 
 
 def _round_up_py(a, b):
@@ -364,17 +453,34 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
     if n and grad_y.size:
         rows, ow = geo[12] * geo[13], geo[14]
         mr = mr_for(dtype)
-        rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
-        ws = _workspace(dtype, n_threads, per_thread)
+        igeo = _implicit_geometry(geo, x5.shape[3:], x5.shape[1], dtype.itemsize) if _IMPLICIT else None
         tgeo = (_transposed_geometry(geo, x5.shape[1] // n_groups, x5.shape[3:], n_groups * mg, dtype.itemsize)
                 if _IMPLICIT else None)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups, mg, -1))
         wtp = np.empty((n_groups, _round_up_py(kg, mr) * mg), dtype)
         dwf = dw_part.reshape((n_threads, -1))
+        if igeo is not None:
+            ph, pw, hp, wpad = igeo
+            nwr = _round_up_py((geo[13] - 1) * wpad + geo[14], NR)
+            per_thread = _wide_ws_floats(x5.shape[1] * hp * wpad, n_groups * mg, kg, mg, mr, nwr)
+            if per_thread * dtype.itemsize * n_threads > _MAX_WORKSPACE_BYTES:
+                igeo = None
         with slp_vectorize():
             _pack_weights(w3, wtp, True, mr)
-            _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(x5.shape), dwf, db_part, ws, geo, rt,
-                             n_tiles, n_threads, tgeo is None)
+            if igeo is not None:
+                ws = _workspace(dtype, n_threads, per_thread, "wide")
+                cg = x5.shape[1] // n_groups
+                boffs = (np.arange(cg)[:, None, None] * (hp * wpad)
+                         + np.arange(geo[1])[None, :, None] * (geo[10] * wpad)
+                         + np.arange(geo[2])[None, None, :] * geo[11]).reshape(-1).astype(np.int64)
+                _wide_backward_kernel(gy.reshape((n, n_groups, mg, geo[13], geo[14])), x5[:, :, 0], wtp, mg, kg,
+                                      mr, dx.reshape(x5[:, :, 0].shape), dwf, db_part, ws, boffs, ph, pw, hp,
+                                      wpad, nwr, n_threads, tgeo is None)
+            else:
+                rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
+                ws = _workspace(dtype, n_threads, per_thread)
+                _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(x5.shape), dwf, db_part, ws, geo, rt,
+                                 n_tiles, n_threads, tgeo is None)
         if tgeo is not None:
             # stride 1: grad_x is grad_y convolved with the flipped, channel-transposed weights
             kh, kw = geo[1], geo[2]

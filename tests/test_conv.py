@@ -243,8 +243,24 @@ def test_stride_one_wide_grid_path_matches_reference_and_column_path(case, dtype
     y = fwd(x, w, b, **args)
     assert calls, "the wide-grid path was not taken"
     np.testing.assert_allclose(y, naive_conv(x, w, b, **args), **tol(dtype))
+    # backward: grad weight and (with fewer than 8 input channels per group) grad input columns
+    # on the wide grid, against the adjoint identity and the column path
+    bwd = BWD[x.ndim - 2]
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    wide = []
+    monkeypatch.setattr(conv_mod, "_wide_backward_kernel", _spy(conv_mod._wide_backward_kernel, wide))
+    grads = bwd(gy, x, w, **args)
+    assert wide, "the wide-grid backward was not taken"
+    u, v = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
+    t = 1e-3 if dtype == np.float32 else 1e-9
+    lhs = np.sum(gy * naive_conv(u, w, None, **args))
+    assert abs(np.sum(grads[0] * u) - lhs) <= t * (1 + abs(lhs))
+    lhs = np.sum(gy * naive_conv(x, v, None, **args))
+    assert abs(np.sum(grads[1] * v) - lhs) <= t * (1 + abs(lhs))
     monkeypatch.setattr(conv_mod, "_IMPLICIT", False)
     np.testing.assert_allclose(y, fwd(x, w, b, **args), **tol(dtype))
+    for a, ref in zip(grads, bwd(gy, x, w, **args)):
+        np.testing.assert_allclose(a, ref, **tol(dtype))
 
 
 TRANSPOSED_CASES = [
