@@ -410,7 +410,7 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
     b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, dtype)
     igeo = _implicit_geometry(geo, x5.shape[3:], x5.shape[1], dtype.itemsize) if _IMPLICIT else None
     if igeo is not None:
-        _implicit_conv(x5[:, :, 0], w3, b, has_bias, geo[1:3], geo[10:12], igeo, ow, y.reshape(-1))
+        _implicit_conv(x5.reshape(x5.shape[:2] + x5.shape[3:]), w3, b, has_bias, geo[1:3], geo[10:12], igeo, ow, y.reshape(-1))
         return y
     ws = _workspace(dtype, n_threads, per_thread)
     wp = np.empty((n_groups, _round_up_py(mg, mr) * kg), dtype)
@@ -473,8 +473,9 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
                 boffs = (np.arange(cg)[:, None, None] * (hp * wpad)
                          + np.arange(geo[1])[None, :, None] * (geo[10] * wpad)
                          + np.arange(geo[2])[None, None, :] * geo[11]).reshape(-1).astype(np.int64)
-                _wide_backward_kernel(gy.reshape((n, n_groups, mg, geo[13], geo[14])), x5[:, :, 0], wtp, mg, kg,
-                                      mr, dx.reshape(x5[:, :, 0].shape), dwf, db_part, ws, boffs, ph, pw, hp,
+                x4 = x5.reshape(x5.shape[:2] + x5.shape[3:])
+                _wide_backward_kernel(gy.reshape((n, n_groups, mg, geo[13], geo[14])), x4, wtp, mg, kg,
+                                      mr, dx.reshape(x4.shape), dwf, db_part, ws, boffs, ph, pw, hp,
                                       wpad, nwr, n_threads, tgeo is None)
             else:
                 rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
@@ -568,8 +569,12 @@ for _f in (conv1d, conv2d, conv3d, conv1d_backward, conv2d_backward, conv3d_back
 
 
 def _warmup(dtype):
-    """Compile the conv kernels for ``dtype`` (the 2-D path serves 1-D and 3-D too)."""
-    x = np.ones((1, 2, 4, 4), dtype)
-    w = np.ones((2, 1, 3, 3), dtype)
-    y = conv2d(x, w, np.ones(2, dtype), padding=1, groups=2)
-    conv2d_backward(np.ones_like(y), x, w, padding=1, groups=2)
+    """Compile the conv kernels for ``dtype`` (the 2-D path serves 1-D and 3-D too): the stride-1
+    wide-grid forward and backward (grad_x both by columns and as a transposed convolution),
+    and the im2col path of other strides."""
+    x = np.ones((1, 8, 6, 6), dtype)
+    for w, stride in ((np.ones((2, 4, 3, 3), dtype), 1), (np.ones((2, 8, 3, 3), dtype), 1),
+                      (np.ones((2, 4, 3, 3), dtype), 2)):
+        groups = x.shape[1] // w.shape[1]
+        y = conv2d(x, w, np.ones(w.shape[0], dtype), stride=stride, padding=1, groups=groups)
+        conv2d_backward(np.ones_like(y), x, w, stride=stride, padding=1, groups=groups)
