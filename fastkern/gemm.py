@@ -43,19 +43,20 @@ _MATMUL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Block sizes. Registers: an MR x NR tile is 16 zmm accumulators (float32
 # 8 x 32, float64 4 x 32), enough independent FMA chains to cover the 4-cycle
-# latency at one 512-bit FMA per cycle, with 2 B loads + MR broadcasts per k.
-# L1 (32 KiB/core): one KC x NR micro-panel of B is reused by every A
-# micro-panel of a block (KC*NR*4 B = 24 KiB float32 at KC=192). L2 (1 MiB/core):
-# the packed MC x KC block of A (96 KiB float32) streams through it once per B
-# micro-panel. L3 (32 MiB, shared): the KC x NC panel of B (1.5 MiB float32),
-# packed once and read by both cores.
+# latency at one 512-bit FMA per cycle, with 2-4 B loads + MR broadcasts per k.
+# L1d (32 KiB/core): the KC x NR micro-panel of B in use (32 KiB float32 at
+# KC=256) is reused by all MC/MR micro-panels of A, which stream from L2.
+# L2 (1 MiB/core): the packed MC x KC block of A (128 KiB float32) plus the
+# micro-panels of B passing through. L3 (32 MiB, shared): each worker's
+# KC x NC panel of B (4 MiB float32). KC also sets how often C is re-read
+# (K/KC passes), so it is as large as L1 allows.
 NR = 32
 MR_F32, MR_F64 = 8, 4
-KC = 192
+KC = 256
 MC = 128
-NC = 2048
+NC = 4096
 # Serial packing (inside other kernels' loops) uses a smaller B panel so its
-# per-call scratch stays small: KC x NC_SERIAL is 96 KiB float32.
+# per-call scratch stays small: KC x NC_SERIAL is 128 KiB float32.
 NC_SERIAL = 128
 # The direct driver (no packing of A) is used when K fits one block and the
 # output is narrow or small; below DIRECT_SERIAL_WORK multiply-adds one
@@ -147,6 +148,23 @@ def _flat_view(typingctx, arr, start, length):
     return arrty(arr, types.intp, types.intp), codegen
 
 
+@intrinsic
+def _prefetch_write(typingctx, arr, idx):
+    """Hint the cache to fetch ``arr[idx]`` for writing (x86 ``prefetchw``)."""
+
+    def codegen(context, builder, sig, args):
+        ary = make_array(arr)(context, builder, value=args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [ptr, i32(1), i32(3), i32(1)])  # write, keep in all levels, data
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp), codegen
+
+
 @njit(inline="always")
 def _cdiv(a, b):
     return (a + b - 1) // b
@@ -181,16 +199,22 @@ def _flat_np(x):
 # Micro-kernel and write-back.
 
 @njit(fastmath=_FAST, cache=True)
-def _micro_kernel(kc, A, aoff, ars, acs, bp, tile):
-    """tile[i*NR + j] = sum_p A[aoff + i*ars + p*acs] * bp[p*NR + j]: one full MR x NR tile.
+def _micro_kernel(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, alpha, beta, to_c):
+    """One full MR x NR tile: acc[i, j] = sum_p A[aoff + i*ars + p*acs] * bp[p*NR + j].
 
-    ``bp`` starts at a packed B micro-panel, so its indices are provably
-    non-negative and consecutive (no wraparound select), which is what lets the
-    SLP vectorizer fuse each row update into packed FMAs. A's element offset is
-    cast to unsigned for the same reason.
+    With ``to_c`` the tile lands directly in a row-contiguous C block (rows
+    ``coff + i*crs``) as ``alpha*acc + beta*C``; otherwise it is copied to
+    ``tile`` for a masked write-back. ``bp`` starts at a packed B micro-panel,
+    so its indices are provably non-negative and consecutive (no wraparound
+    select), which lets the SLP vectorizer fuse each row update into packed
+    FMAs; A's element offset is cast to unsigned for the same reason.
     """
     mr = _tile_rows(A)
     acc = _register_tile(A)
+    if to_c:  # C rows are far apart: start fetching them while the tile computes
+        for i in range(mr):
+            for h in range(0, NR, 64 // C.itemsize):
+                _prefetch_write(C, coff + i * crs + h)
     for x in range(mr * NR):
         acc[x] = 0
     for p in range(kc):
@@ -198,8 +222,19 @@ def _micro_kernel(kc, A, aoff, ars, acs, bp, tile):
             ai = A[np.uintp(aoff + p * acs + i * ars)]
             for j in range(NR):
                 acc[i * NR + j] += ai * bp[p * NR + j]
-    for x in range(mr * NR):
-        tile[x] = acc[x]
+    if not to_c:
+        for x in range(mr * NR):
+            tile[x] = acc[x]
+    elif beta == 0:  # C may hold garbage or NaN: never read it
+        for i in range(mr):
+            row = C[np.uintp(coff + i * crs):]
+            for j in range(NR):
+                row[j] = alpha * acc[i * NR + j]
+    else:
+        for i in range(mr):
+            row = C[np.uintp(coff + i * crs):]
+            for j in range(NR):
+                row[j] = alpha * acc[i * NR + j] + beta * row[j]
 
 
 @njit(fastmath=_FAST, inline="always")
@@ -220,49 +255,58 @@ def _store_tile(tile, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
 
 @njit(inline="always")
 def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
-    """Rows [0, mc) x cols [0, kc) of A (from aoff) into MR-row micro-panels, zero padded."""
-    npan = _cdiv(mc, mr)
-    if acs == 1 or ars != 1:  # rows are the contiguous direction (or neither is)
-        for r in range(npan * mr):
-            dst = (r // mr) * mr * kc + r % mr
-            if r < mc:
-                src = aoff + r * ars
+    """Rows [0, mc) x cols [0, kc) of A (from aoff) into MR-row micro-panels, zero padded.
+
+    Offsets go through unsigned slices so LLVM sees non-negative, consecutive
+    indices (no wraparound selects) and can vectorize the copies.
+    """
+    for q in range(_cdiv(mc, mr)):
+        rows = min(mr, mc - q * mr)
+        panel = buf[q * mr * kc:]
+        if acs == 1:  # rows of A are contiguous: read mr row streams at once
+            for i in range(rows):
+                src = A[np.uintp(aoff + (q * mr + i) * ars):]
                 for p in range(kc):
-                    buf[dst + p * mr] = A[src + p * acs]
-            else:
-                for p in range(kc):
-                    buf[dst + p * mr] = 0
-    else:  # transposed A: walk down its columns
-        for q in range(npan):
-            rows = min(mr, mc - q * mr)
+                    panel[p * mr + i] = src[p]
+        elif ars == 1:  # transposed A: its columns are contiguous
             for p in range(kc):
-                dst = q * mr * kc + p * mr
-                src = aoff + q * mr * ars + p * acs
+                src = A[np.uintp(aoff + q * mr + p * acs):]
+                dst = panel[p * mr:]
                 for i in range(rows):
-                    buf[dst + i] = A[src + i]
-                for i in range(rows, mr):
-                    buf[dst + i] = 0
+                    dst[i] = src[i]
+        else:
+            for i in range(rows):
+                for p in range(kc):
+                    panel[p * mr + i] = A[np.uintp(aoff + (q * mr + i) * ars + p * acs)]
+        for i in range(rows, mr):
+            for p in range(kc):
+                panel[p * mr + i] = 0
 
 
 @njit(inline="always")
 def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
     """kc x nr block of B (from boff) into one k-major NR-wide micro-panel, zero padded."""
-    if bcs == 1 or brs != 1:
+    panel = buf[dst:]
+    if bcs == 1:
         for p in range(kc):
-            src = boff + p * brs
-            d = dst + p * NR
+            src = B[np.uintp(boff + p * brs):]
+            row = panel[p * NR:]
             for j in range(nr):
-                buf[d + j] = B[src + j * bcs]
+                row[j] = src[j]
             for j in range(nr, NR):
-                buf[d + j] = 0
-    else:  # transposed B: walk down its columns
+                row[j] = 0
+    else:  # transposed or strided B: walk down its columns
         for j in range(nr):
-            src = boff + j * bcs
-            for p in range(kc):
-                buf[dst + p * NR + j] = B[src + p]
+            src = B[np.uintp(boff + j * bcs):]
+            if brs == 1:
+                for p in range(kc):
+                    panel[p * NR + j] = src[p]
+            else:
+                for p in range(kc):
+                    panel[p * NR + j] = src[np.uintp(p * brs)]
         for p in range(kc):
             for j in range(nr, NR):
-                buf[dst + p * NR + j] = 0
+                panel[p * NR + j] = 0
 
 
 @njit(inline="always")
@@ -282,9 +326,13 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
     for jr in range(0, nc, NR):
         nr = min(NR, nc - jr)
         for ir in range(0, mc, mr):
-            _micro_kernel(kc, ap, ir * kc, 1, mr, bp[bpoff + jr * kc:], tile)
-            _store_tile(tile, 0, min(mr, mc - ir), nr, C, coff + ir * crs + jr * ccs,
-                        crs, ccs, alpha, beta)
+            rows = min(mr, mc - ir)
+            cij = coff + ir * crs + jr * ccs
+            to_c = ccs == 1 and rows == mr and nr == NR
+            _micro_kernel(kc, ap, ir * kc, 1, mr, bp[bpoff + jr * kc:], tile, C, cij, crs,
+                          alpha, beta, to_c)
+            if not to_c:
+                _store_tile(tile, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -300,9 +348,13 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
         nr = min(NR, n - jr)
         for ir in range(i_lo, i_hi, mr):
             i0 = min(ir, m - mr)
-            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, bp[jr * k:], tile)
-            _store_tile(tile, ir - i0, min(ir + mr, i_hi) - i0, nr, C,
-                        coff + i0 * crs + jr * ccs, crs, ccs, alpha, beta)
+            i_end = min(ir + mr, i_hi)
+            cij = coff + i0 * crs + jr * ccs
+            to_c = ccs == 1 and i0 == ir and i_end == ir + mr and nr == NR
+            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, bp[jr * k:], tile, C, cij, crs,
+                          alpha, beta, to_c)
+            if not to_c:
+                _store_tile(tile, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -334,8 +386,17 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
     kcm = min(k, KC)
     ap = np.empty(_cdiv(min(m, MC), mr) * mr * kcm, A.dtype)
     bp = np.empty(_cdiv(min(n, NC_SERIAL), NR) * NR * kcm, A.dtype)
-    for jc in range(0, n, NC_SERIAL):
-        nc = min(NC_SERIAL, n - jc)
+    _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
+                 alpha, beta, ap, bp, NC_SERIAL)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
+                 alpha, beta, ap, bp, nc_max):
+    """The blocked loops on one thread: B panels of KC x nc_max, A blocks of MC x KC."""
+    mr = _tile_rows(A)
+    for jc in range(0, n, nc_max):
+        nc = min(nc_max, n - jc)
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
@@ -349,40 +410,29 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
 
 @njit(fastmath=_FAST, parallel=True, cache=True)
 def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta,
-                        abufs, bbuf, nthreads):
+                        abufs, bbufs, nthreads):
     """All-threads packed GEMM into C-contiguous flat C (m x n); k >= 1.
 
-    Row blocks of C are dealt to ``nthreads`` workers round-robin (their count a
-    multiple of the thread count); when M gives fewer blocks than threads, each
-    block's columns are split too. B panels are packed cooperatively, A blocks
-    by each worker into its own buffer ``abufs[w]``.
+    C is cut into ``nthreads`` slabs (of rows, or of columns when M is the
+    smaller side) and each worker runs the blocked loops on its slab with its
+    own packing buffers: one parallel region per call and no barrier inside,
+    so a worker delayed by another process does not stall the others at every
+    block. Packing the shared operand once per worker costs K*N (or M*K)
+    copies, small next to the 2*M*N*K flops.
     """
     mr = _tile_rows(A)
-    nblk = _cdiv(_cdiv(m, MC), nthreads) * nthreads
-    mc = _cdiv(_cdiv(m, nblk), mr) * mr
-    nblk = _cdiv(m, mc)
-    nsplit = max(1, nthreads // nblk)
-    for jc in range(0, n, NC):
-        nc = min(NC, n - jc)
-        npan = _cdiv(nc, NR)
-        per = _cdiv(npan, nsplit)
-        for pc in range(0, k, KC):
-            kc = min(KC, k - pc)
-            for q in prange(npan):
-                _pack_b_panel(B, boff + pc * brs + (jc + q * NR) * bcs, brs, bcs, kc,
-                              min(NR, nc - q * NR), bbuf, q * NR * kc)
-            bt = beta if pc == 0 else 1
-            for w in prange(nthreads):
-                ap = abufs[w]
-                for t in range(w, nblk * nsplit, nthreads):
-                    ic = (t // nsplit) * mc
-                    j_lo = (t % nsplit) * per * NR
-                    j_hi = min(nc, j_lo + per * NR)
-                    if j_lo < j_hi:
-                        mcc = min(mc, m - ic)
-                        _pack_a(A, aoff + ic * ars + pc * acs, ars, acs, mcc, kc, ap, mr)
-                        _macro_kernel(ap, bbuf, j_lo * kc, kc, mcc, j_hi - j_lo, C,
-                                      ic * n + jc + j_lo, n, 1, alpha, bt)
+    by_rows = _cdiv(m, mr) >= _cdiv(n, NR)
+    unit = mr if by_rows else NR
+    units = _cdiv(m if by_rows else n, unit)
+    per = _cdiv(units, nthreads) * unit
+    for w in prange(nthreads):
+        lo = w * per
+        if by_rows and lo < m:
+            _gemm_packed(min(per, m - lo), n, k, A, aoff + lo * ars, ars, acs, B, boff, brs, bcs,
+                         C, lo * n, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
+        elif not by_rows and lo < n:
+            _gemm_packed(m, min(per, n - lo), k, A, aoff, ars, acs, B, boff + lo * bcs, brs, bcs,
+                         C, lo, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
 
 
 @njit(fastmath=_FAST, parallel=True, cache=True)
@@ -421,7 +471,7 @@ def gemm_serial(a, b, c, alpha, beta):
 
 
 for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
-           _gemm_flat_serial, _macro_kernel, _direct_rows, _micro_kernel):
+           _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel):
     _with_slp(_d)
 
 
@@ -437,14 +487,14 @@ def _workspace(dtype, a_elems, b_elems):
     Kernels hold the GIL while they run, so calls from several Python threads
     use the buffers one after another.
     """
-    abufs, bbuf = _WORKSPACES.get(dtype, (None, None))
+    abufs, bbufs = _WORKSPACES.get(dtype, (None, None))
     nthreads = numba.config.NUMBA_NUM_THREADS
     if abufs is None or abufs.shape[1] < a_elems:
         abufs = np.empty((nthreads, max(a_elems, 1)), dtype)
-    if bbuf is None or bbuf.size < b_elems:
-        bbuf = np.empty(max(b_elems, 1), dtype)
-    _WORKSPACES[dtype] = (abufs, bbuf)
-    return abufs, bbuf
+    if bbufs is None or bbufs.shape[1] < b_elems:
+        bbufs = np.empty((nthreads, max(b_elems, 1)), dtype)
+    _WORKSPACES[dtype] = (abufs, bbufs)
+    return abufs, bbufs
 
 
 def _mr(dtype):
@@ -475,7 +525,7 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     mr = _mr(out.dtype)
     nthreads = numba.get_num_threads()
     if k <= KC and m >= mr and n <= DIRECT_MAX_N:
-        _, bbuf = _workspace(out.dtype, 0, k * _cdiv_py(n, NR) * NR)
+        bbuf = _workspace(out.dtype, 0, k * _cdiv_py(n, NR) * NR)[1][0]
         args = (m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta, bbuf, nthreads)
         if m * n * k <= DIRECT_SERIAL_WORK or nthreads == 1:
             _direct_serial(*args)
@@ -483,10 +533,10 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
             _direct_parallel(*args)
         return out
     kc = min(k, KC)
-    abufs, bbuf = _workspace(out.dtype, _cdiv_py(MC, mr) * mr * kc,
-                             _cdiv_py(min(n, NC), NR) * NR * kc)
+    abufs, bbufs = _workspace(out.dtype, _cdiv_py(min(m, MC), mr) * mr * kc,
+                              _cdiv_py(min(n, NC), NR) * NR * kc)
     _gemm_flat_parallel(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta,
-                        abufs, bbuf, nthreads)
+                        abufs, bbufs, nthreads)
     return out
 
 
