@@ -1,12 +1,21 @@
-"""Convolutions (1-D, 2-D, 3-D) by im2col + GEMM, forward and backward side by side.
+"""Convolutions (1-D, 2-D, 3-D) as GEMMs, forward and backward side by side.
 
 One 3-D implementation serves all three ops (1-D/2-D inputs are views with
-leading spatial dims of size 1). Work is split over threads by sample: each
-thread im2col's one sample (or one tile of output rows of it) into its own
-slice of a cached workspace, while it is hot in L2, packs it and multiplies it
-with the single-threaded register-tiled GEMM of ``_conv_gemm``. So there is no
-threading inside the GEMM, and nothing is shared between threads except
-read-only inputs (the packed weights):
+leading spatial dims of size 1). Work is split over threads by sample, each
+thread with its own slice of a cached workspace and single-threaded
+register-tiled GEMMs (``_conv_gemm``); nothing is shared between threads
+except read-only inputs (the packed weights).
+
+Stride 1 (1-D/2-D) runs on the *wide grid* (``_implicit_kernel``,
+``_wide_backward_kernel``): the sample is copied into a zero-bordered
+(C, Hp, Wp) buffer and outputs are computed on Hp x Wp positions, the
+kernel's reach past each row discarded, so every row of the column matrix is
+one contiguous run of that buffer: the forward reads B through a table of row
+offsets (no im2col, no packing), grad weight packs straight from the buffer and
+grad input columns fold back by contiguous adds (or, with enough input channels,
+grad input is the forward kernel on grad_y with the flipped, transposed weights).
+
+Other strides and 3-D use im2col per sample (or band of output rows), hot in L2:
 
 * forward:        ``y[n, g] = W[g] @ col[g]``            (bias pre-filled, beta=1)
 * grad weight:    ``dW_t[g] += dy[n, g] @ col[g].T``       per-thread partials, summed at the end
