@@ -36,8 +36,8 @@ def make_ours(name, dtype=np.float32):
     import models
 
     return {
-        "LeNet5": lambda: models.LeNet5(dtype=dtype),
-        "SmallCNN": lambda: models.SmallCNN(dtype=dtype),
+        "LeNet5": lambda: models.LeNet5(dtype=dtype, input_grad=False),
+        "SmallCNN": lambda: models.SmallCNN(dtype=dtype, input_grad=False),
         "MLP 784-128-10": lambda: models.MLP(784, (128,), 10, dtype=dtype),
         "LogisticRegression 784-10": lambda: models.LogisticRegression(784, 10, dtype=dtype),
     }[name]()

@@ -10,8 +10,8 @@ THREADS = [1, max_threads()] if max_threads() > 1 else [1]
 # (model, batch, input shape): LeNet5 and SmallCNN at the batch sizes the
 # comparison with torch uses; the MLP and logistic regression on flat MNIST.
 CASES = {
-    "LeNet5": (64, (1, 28, 28), lambda: models.LeNet5()),
-    "SmallCNN": (128, (3, 32, 32), lambda: models.SmallCNN()),
+    "LeNet5": (64, (1, 28, 28), lambda: models.LeNet5(input_grad=False)),
+    "SmallCNN": (128, (3, 32, 32), lambda: models.SmallCNN(input_grad=False)),
     "MLP": (64, (1, 28, 28), lambda: models.MLP(784, (128,), 10)),
     "LogisticRegression": (64, (1, 28, 28), lambda: models.LogisticRegression(784, 10)),
 }

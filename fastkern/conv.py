@@ -444,7 +444,7 @@ def _transposed_geometry(geo, cg, x_hw, c_out, itemsize):
     return _implicit_geometry(tgeo, (oh, ow), c_out, itemsize)
 
 
-def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op):
+def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True):
     dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, None, stride, padding, dilation, groups, op)
     check_array(grad_y, "grad_y", nd + 2)
     check_same_dtype(grad_y=grad_y, x=x, weight=weight)
@@ -456,7 +456,8 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
     n = x.shape[0]
     n_groups, mg, kg = w3.shape
     n_threads = numba.get_num_threads()
-    dx = np.empty(x.shape, dtype=dtype)
+    # grad_x is skipped (and None) for a layer fed by data: the first layer of a model
+    dx = np.empty(x.shape if input_grad else (0,) * x.ndim, dtype=dtype)
     dw_part = np.zeros((n_threads, n_groups, mg, kg), dtype=dtype)
     db_part = np.zeros((n_threads, n_groups * mg), dtype=dtype)
     if n and grad_y.size:
@@ -464,7 +465,7 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         mr = mr_for(dtype)
         igeo = _implicit_geometry(geo, x5.shape[3:], x5.shape[1], dtype.itemsize) if _IMPLICIT else None
         tgeo = (_transposed_geometry(geo, x5.shape[1] // n_groups, x5.shape[3:], n_groups * mg, dtype.itemsize)
-                if _IMPLICIT else None)
+                if _IMPLICIT and input_grad else None)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups, mg, -1))
         wtp = np.empty((n_groups, _round_up_py(kg, mr) * mg), dtype)
         dwf = dw_part.reshape((n_threads, -1))
@@ -474,6 +475,7 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
             per_thread = _wide_ws_floats(x5.shape[1] * hp * wpad, n_groups * mg, kg, mg, mr, nwr)
             if per_thread * dtype.itemsize * n_threads > _MAX_WORKSPACE_BYTES:
                 igeo = None
+        dx5_shape = x5.shape if input_grad else (0,) * 5
         with slp_vectorize():
             _pack_weights(w3, wtp, True, mr)
             if igeo is not None:
@@ -484,13 +486,13 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
                          + np.arange(geo[2])[None, None, :] * geo[11]).reshape(-1).astype(np.int64)
                 x4 = x5.reshape(x5.shape[:2] + x5.shape[3:])
                 _wide_backward_kernel(gy.reshape((n, n_groups, mg, geo[13], geo[14])), x4, wtp, mg, kg,
-                                      mr, dx.reshape(x4.shape), dwf, db_part, ws, boffs, ph, pw, hp,
-                                      wpad, nwr, n_threads, tgeo is None)
+                                      mr, dx.reshape(x4.shape if input_grad else (0,) * 4), dwf, db_part, ws, boffs, ph, pw, hp,
+                                      wpad, nwr, n_threads, input_grad and tgeo is None)
             else:
                 rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
                 ws = _workspace(dtype, n_threads, per_thread)
-                _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(x5.shape), dwf, db_part, ws, geo, rt,
-                                 n_tiles, n_threads, tgeo is None)
+                _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(dx5_shape), dwf, db_part, ws, geo, rt,
+                                 n_tiles, n_threads, input_grad and tgeo is None)
         if tgeo is not None:
             # stride 1: grad_x is grad_y convolved with the flipped, channel-transposed weights
             kh, kw = geo[1], geo[2]
@@ -503,7 +505,7 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         dx.fill(0)
     grad_w = dw_part.sum(axis=0).reshape(weight.shape)
     grad_b = db_part.sum(axis=0) if bias_grad else None
-    return dx, grad_w, grad_b
+    return (dx if input_grad else None), grad_w, grad_b
 
 
 # ---------------------------------------------------------------------------
@@ -528,13 +530,16 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _conv_forward(1, x, weight, bias, stride, padding, dilation, groups, "conv1d")
 
 
-def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True):
+def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
+                    input_grad=True):
     """Gradients of :func:`conv1d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
-    ``bias_grad`` is False. Arguments as in :func:`conv1d`.
+    ``bias_grad`` is False, and ``grad_x`` is None (and not computed) when
+    ``input_grad`` is False, as for a model's first layer. Arguments as in :func:`conv1d`.
     """
-    return _conv_backward(1, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, "conv1d_backward")
+    return _conv_backward(1, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
+                          "conv1d_backward", input_grad)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -546,13 +551,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _conv_forward(2, x, weight, bias, stride, padding, dilation, groups, "conv2d")
 
 
-def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True):
+def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
+                    input_grad=True):
     """Gradients of :func:`conv2d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
-    ``bias_grad`` is False. Arguments as in :func:`conv2d`.
+    ``bias_grad`` is False, and ``grad_x`` is None (and not computed) when
+    ``input_grad`` is False, as for a model's first layer. Arguments as in :func:`conv2d`.
     """
-    return _conv_backward(2, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, "conv2d_backward")
+    return _conv_backward(2, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
+                          "conv2d_backward", input_grad)
 
 
 def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -564,13 +572,16 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _conv_forward(3, x, weight, bias, stride, padding, dilation, groups, "conv3d")
 
 
-def conv3d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True):
+def conv3d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
+                    input_grad=True):
     """Gradients of :func:`conv3d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
-    ``bias_grad`` is False. Arguments as in :func:`conv3d`.
+    ``bias_grad`` is False, and ``grad_x`` is None (and not computed) when
+    ``input_grad`` is False, as for a model's first layer. Arguments as in :func:`conv3d`.
     """
-    return _conv_backward(3, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, "conv3d_backward")
+    return _conv_backward(3, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
+                          "conv3d_backward", input_grad)
 
 
 for _f in (conv1d, conv2d, conv3d, conv1d_backward, conv2d_backward, conv3d_backward):

@@ -95,8 +95,11 @@ class _ConvNd(_WithActivation):
     nd = 2
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, activation=None, dtype=np.float32, seed=None):
+                 groups=1, bias=True, activation=None, dtype=np.float32, seed=None, input_grad=True):
         super().__init__()
+        # input_grad=False: backward skips the gradient w.r.t. the input and returns None,
+        # for a first layer whose input is data (what torch does when x needs no grad)
+        self.input_grad = bool(input_grad)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
                              f"must be divisible by groups ({groups})")
@@ -112,7 +115,7 @@ class _ConvNd(_WithActivation):
     def backward(self, g):
         g = self._start_backward(g)
         has_b = self._op_bias() is not None
-        gx, gw, gb = self._op_backward(g, self._x, self.weight.array, has_b)
+        gx, gw, gb = self._op_backward(g, self._x, self.weight.array, has_b, self.input_grad)
         _acc(self.weight, gw)
         if has_b:
             _acc(self.bias, gb)
@@ -131,8 +134,8 @@ class Conv1d(_ConvNd):
     def _op(self, x, w, b):
         return fk.conv1d(x, w, b, **self.conv_args)
 
-    def _op_backward(self, g, x, w, bias_grad):
-        return fk.conv1d_backward(g, x, w, bias_grad=bias_grad, **self.conv_args)
+    def _op_backward(self, g, x, w, bias_grad, input_grad):
+        return fk.conv1d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, **self.conv_args)
 
 
 class Conv2d(_ConvNd):
@@ -142,8 +145,8 @@ class Conv2d(_ConvNd):
     def _op(self, x, w, b):
         return fk.conv2d(x, w, b, **self.conv_args)
 
-    def _op_backward(self, g, x, w, bias_grad):
-        return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, **self.conv_args)
+    def _op_backward(self, g, x, w, bias_grad, input_grad):
+        return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, **self.conv_args)
 
 
 class MaxPool2d(Module):

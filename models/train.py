@@ -114,9 +114,9 @@ def build_model(args, ds):
         raise UsageError(f"smallcnn needs (3, 32, 32) images, data {args.data} has {shape}")
     features = int(np.prod(shape))
     if args.model == "lenet5":
-        return models.LeNet5(ds.num_classes, seed=args.seed)
+        return models.LeNet5(ds.num_classes, seed=args.seed, input_grad=False)
     if args.model == "smallcnn":
-        return models.SmallCNN(ds.num_classes, seed=args.seed)
+        return models.SmallCNN(ds.num_classes, seed=args.seed, input_grad=False)
     if args.model == "mlp":
         return models.MLP(features, args.hidden_sizes, ds.num_classes, args.dropout,
                           seed=args.seed)

@@ -39,12 +39,16 @@ class MLP(Sequential):
 
 
 class LeNet5(Sequential):
-    """LeNet-5 for (N, 1, 28, 28): two 5x5 conv/ReLU/max-pool stages, then 120-84-10."""
+    """LeNet-5 for (N, 1, 28, 28): two 5x5 conv/ReLU/max-pool stages, then 120-84-10.
 
-    def __init__(self, num_classes=10, dtype=np.float32, seed=0):
+    ``input_grad=False`` makes ``backward`` skip the gradient w.r.t. the images
+    (and return None): all that training needs.
+    """
+
+    def __init__(self, num_classes=10, dtype=np.float32, seed=0, input_grad=True):
         with seeded(seed):
             super().__init__(
-                Conv2d(1, 6, 5, padding=2, activation="relu", dtype=dtype), MaxPool2d(2),
+                Conv2d(1, 6, 5, padding=2, activation="relu", dtype=dtype, input_grad=input_grad), MaxPool2d(2),
                 Conv2d(6, 16, 5, activation="relu", dtype=dtype), MaxPool2d(2),
                 Flatten(),
                 Linear(400, 120, dtype=dtype), ReLU(inplace=True),
@@ -54,12 +58,15 @@ class LeNet5(Sequential):
 
 
 class SmallCNN(Sequential):
-    """For (N, 3, 32, 32): conv32/conv64 (3x3, pad 1) with ReLU and max-pool, then 4096-256-10."""
+    """For (N, 3, 32, 32): conv32/conv64 (3x3, pad 1) with ReLU and max-pool, then 4096-256-10.
 
-    def __init__(self, num_classes=10, dtype=np.float32, seed=0):
+    ``input_grad`` as in :class:`LeNet5`.
+    """
+
+    def __init__(self, num_classes=10, dtype=np.float32, seed=0, input_grad=True):
         with seeded(seed):
             super().__init__(
-                Conv2d(3, 32, 3, padding=1, activation="relu", dtype=dtype), MaxPool2d(2),
+                Conv2d(3, 32, 3, padding=1, activation="relu", dtype=dtype, input_grad=input_grad), MaxPool2d(2),
                 Conv2d(32, 64, 3, padding=1, activation="relu", dtype=dtype), MaxPool2d(2),
                 Flatten(),
                 Linear(4096, 256, dtype=dtype), ReLU(inplace=True),

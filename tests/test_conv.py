@@ -445,3 +445,19 @@ def test_empty_batch_gives_empty_results():
     assert y.shape == (0, 4, 3, 3)
     dx, dw, db = fastkern.conv2d_backward(_x(0, 4, 3, 3), _x(0, 3, 5, 5), _x(4, 3, 3, 3))
     assert dx.shape == (0, 3, 5, 5) and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize(
+    "cin, stride, padding",
+    [(1, 1, 2), (8, 1, 1), (3, 2, 1)],  # wide grid, transposed-conv grad_x, im2col columns
+)
+def test_backward_without_input_grad_matches_the_full_backward(cin, stride, padding):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, cin, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((4, cin, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal(fastkern.conv2d(x, w, stride=stride, padding=padding).shape).astype(np.float32)
+    full = fastkern.conv2d_backward(gy, x, w, stride=stride, padding=padding)
+    gx, gw, gb = fastkern.conv2d_backward(gy, x, w, stride=stride, padding=padding, input_grad=False)
+    assert gx is None
+    np.testing.assert_allclose(gw, full[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gb, full[2], rtol=1e-5, atol=1e-5)

@@ -169,3 +169,15 @@ def test_default_and_named_initializations():
     c2 = models.LeNet5(seed=None)
     np.testing.assert_array_equal(c1[0].weight, c2[0].weight)
     assert not np.array_equal(models.LeNet5(seed=1)[0].weight, models.LeNet5(seed=2)[0].weight)
+
+
+def test_lenet5_without_input_grad_gives_the_same_parameter_gradients():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    g = rng.standard_normal((4, 10)).astype(np.float32)
+    full, lean = models.LeNet5(seed=5), models.LeNet5(seed=5, input_grad=False)
+    full(x), lean(x)
+    assert full.backward(g).shape == x.shape
+    assert lean.backward(g) is None
+    for (name, p), (_, q) in zip(full.named_parameters(), lean.named_parameters()):
+        np.testing.assert_allclose(q.grad, p.grad, rtol=1e-5, atol=1e-6, err_msg=name)
