@@ -2,6 +2,9 @@
 import numpy as np
 
 import fastkern
+from fastkern.threads import max_threads
+
+THREADS = [1, max_threads()] if max_threads() > 1 else [1]
 
 # (N, C_in, H, W, C_out, k, stride, pad): LeNet-5's two convs, then CIFAR-style layers.
 CONV2D_SHAPES = [
@@ -30,29 +33,30 @@ def _arrays(x_shape, w_shape, dtype):
 class TimeConv2d:
     """conv2d and conv2d_backward on (N, C_in, H, W, C_out, k, stride, pad)."""
 
-    params = (CONV2D_SHAPES, ["float32"])
-    param_names = ["shape", "dtype"]
+    params = (CONV2D_SHAPES, ["float32"], THREADS)
+    param_names = ["shape", "dtype", "threads"]
 
-    def setup(self, shape, dtype):
+    def setup(self, shape, dtype, threads):
+        fastkern.set_num_threads(threads)
         n, c, h, w, co, k, self.s, self.p = shape
         self.x, self.w, self.b = _arrays((n, c, h, w), (co, c, k, k), dtype)
         y = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
         self.gy = np.ones_like(y)
-        self.time_forward_and_backward(shape, dtype)  # compiles every kernel for dtype
+        self.time_forward_and_backward(shape, dtype, threads)  # compiles every kernel for dtype
 
-    def time_forward(self, shape, dtype):
+    def time_forward(self, shape, dtype, threads):
         fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
 
-    def time_forward_and_backward(self, shape, dtype):
+    def time_forward_and_backward(self, shape, dtype, threads):
         fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
         fastkern.conv2d_backward(self.gy, self.x, self.w, self.s, self.p)
 
-    def track_forward_gflops(self, shape, dtype):
+    def track_forward_gflops(self, shape, dtype, threads):
         import time
 
         reps, t0 = 5, time.perf_counter()
         for _ in range(reps):
-            self.time_forward(shape, dtype)
+            self.time_forward(shape, dtype, threads)
         return _flops(shape) * reps / (time.perf_counter() - t0) / 1e9
 
     track_forward_gflops.unit = "GFLOP/s"
@@ -61,10 +65,11 @@ class TimeConv2d:
 class TimeConv1dConv3d:
     """A small conv1d (audio-like) and conv3d (video-like) layer, forward and backward."""
 
-    params = (["conv1d", "conv3d"], ["float32"])
-    param_names = ["op", "dtype"]
+    params = (["conv1d", "conv3d"], ["float32"], THREADS)
+    param_names = ["op", "dtype", "threads"]
 
-    def setup(self, op, dtype):
+    def setup(self, op, dtype, threads):
+        fastkern.set_num_threads(threads)
         if op == "conv1d":
             self.x, self.w, self.b = _arrays((32, 16, 256), (32, 16, 5), dtype)
         else:
@@ -72,11 +77,11 @@ class TimeConv1dConv3d:
         self.fwd = getattr(fastkern, op)
         self.bwd = getattr(fastkern, op + "_backward")
         self.gy = np.ones_like(self.fwd(self.x, self.w, self.b, padding=1))
-        self.time_forward_and_backward(op, dtype)
+        self.time_forward_and_backward(op, dtype, threads)
 
-    def time_forward(self, op, dtype):
+    def time_forward(self, op, dtype, threads):
         self.fwd(self.x, self.w, self.b, padding=1)
 
-    def time_forward_and_backward(self, op, dtype):
+    def time_forward_and_backward(self, op, dtype, threads):
         self.fwd(self.x, self.w, self.b, padding=1)
         self.bwd(self.gy, self.x, self.w, padding=1)

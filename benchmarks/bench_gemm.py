@@ -62,23 +62,34 @@ class TimeMatmulCNN:
 
 class TrackMatmulVsNumpy:
     """fastkern GFLOP/s divided by numpy.matmul GFLOP/s, timed alternately in one process
-    with both libraries on all threads (> 1 means faster than OpenBLAS)."""
+    with both libraries on the same number of threads (> 1 means faster than OpenBLAS);
+    OpenBLAS's pool is capped through threadpoolctl where it is installed."""
 
     params = (["512x512x512", "1024x1024x1024", "2048x2048x2048"] + CNN,
-              ["float32", "float64"])
-    param_names = ["shape", "dtype"]
+              ["float32", "float64"], THREADS)
+    param_names = ["shape", "dtype", "threads"]
     unit = "ratio"
     timeout = 300
     repeat = (1, 1, 60.0)
 
-    def setup(self, shape, dtype):
-        fastkern.set_num_threads(max_threads())
+    def setup(self, shape, dtype, threads):
+        fastkern.set_num_threads(threads)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            self._blas_limit = None
+        else:
+            self._blas_limit = threadpool_limits(limits=threads, user_api="blas")
         gemm._warmup(np.dtype(dtype))
         m, k, n = map(int, shape.split("x"))
         self.a, self.b, self.out = _operands(m, k, n, dtype)
         self.out_np = np.empty_like(self.out)
 
-    def track_speed_ratio_to_numpy(self, shape, dtype):
+    def teardown(self, shape, dtype, threads):
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+
+    def track_speed_ratio_to_numpy(self, shape, dtype, threads):
         fk = lambda: fastkern.matmul(self.a, self.b, out=self.out)  # noqa: E731
         ref = lambda: np.matmul(self.a, self.b, out=self.out_np)  # noqa: E731
         loops = max(1, int(2e8 / (2 * self.a.shape[0] * self.a.shape[1] * self.b.shape[1])))
