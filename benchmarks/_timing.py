@@ -26,14 +26,23 @@ def median_seconds(fn, *, repeat=15, warmup=2, min_time=0.0):
     return statistics.median(samples)
 
 
-def interleaved_medians(fns, *, repeat=15, warmup=2, min_time=0.0):
-    """Medians of several callables timed in alternation, so machine noise hits all alike."""
+def interleaved_medians(fns, *, repeat=15, warmup=2, min_time=0.0, settle=0.15):
+    """Medians of several callables timed in alternation, so machine noise hits all alike.
+
+    Before each sample the callable runs untimed for ``settle`` seconds: a
+    library's idle thread pool keeps spinning on the cores after its last call
+    (OpenBLAS for ~2**28 cycles, libgomp for its spin count), and a sample taken
+    right after switching libraries would time that contention, not the op.
+    """
     for fn in fns:
         for _ in range(warmup):
             fn()
     samples = [[] for _ in fns]
     for _ in range(repeat):
         for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < settle:
+                fn()
             samples[i].append(median_seconds(fn, repeat=1, warmup=0, min_time=min_time))
     return [statistics.median(s) for s in samples]
 
