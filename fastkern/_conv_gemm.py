@@ -18,14 +18,13 @@ panel (K x NR) of a conv layer fit L1/L2, and C is written once per tile.
 """
 from __future__ import annotations
 
-import contextlib
-
-import numba
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
+
+from .gemm import _slp_vectorize as slp_vectorize  # noqa: F401  (conv compiles its tiles under it)
 
 NR = 32
 
@@ -33,17 +32,6 @@ NR = 32
 def mr_for(dtype) -> int:
     """Rows of the register tile for a dtype."""
     return 8 if dtype.itemsize == 4 else 4
-
-
-@contextlib.contextmanager
-def slp_vectorize():
-    """Compile (on first call) with LLVM's SLP vectorizer, which turns the tile into zmm FMAs."""
-    before = numba.config.SLP_VECTORIZE
-    numba.config.SLP_VECTORIZE = True
-    try:
-        yield
-    finally:
-        numba.config.SLP_VECTORIZE = before
 
 
 def _make_tile_intrinsic(n):
