@@ -44,7 +44,7 @@ BASE   ?= main
 HEAD   ?= HEAD
 # A benchmark that got slower by more than FACTOR fails bench-compare. The
 # suite's noise on a shared 2-core machine is measured in README.md.
-FACTOR ?= 1.4
+FACTOR ?= 1.5
 ROUNDS ?= 4
 # Timing runs take this lock so that runs from several checkouts do not
 # share the cores; empty when flock is missing.

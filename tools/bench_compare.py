@@ -13,7 +13,10 @@ for half of the rounds shows up in the lower quartile and drowns in the median.
 
 A burst of load can still land on one commit's samples only, so every
 benchmark counted as slower is measured again (only those parameter
-combinations) and the gate fails only when the second comparison says so too.
+combinations, with twice the rounds: each round is a new process, and
+per-process effects such as where the arrays landed in memory average out
+over more of them) and the gate fails only when the second comparison says
+so too.
 A real slowdown survives the second run; a burst of load does not repeat on
 the same benchmark.
 
@@ -30,6 +33,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 _WORSE_HEADER = "Benchmarks that have got worse"
 # A row of asv's markdown table: | + | before | after | ratio | name(params) |
@@ -69,8 +73,12 @@ def _results_file(results_dir, sha):
     return max(files, key=os.path.getmtime) if files else None
 
 
-def lower_quartiles(results_dir, sha, regexes):
-    """{"name(params)": lower quartile of the timing samples} for benchmarks matching ``regexes``."""
+def lower_quartiles(results_dir, sha, regexes, since_ms):
+    """{"name(params)": lower quartile of the timing samples} for benchmarks matching ``regexes``.
+
+    Only benchmarks started after ``since_ms`` count: the file also holds
+    results of earlier runs, possibly of benchmarks changed since.
+    """
     path = _results_file(results_dir, sha)
     if path is None:
         return {}
@@ -81,8 +89,8 @@ def lower_quartiles(results_dir, sha, regexes):
     for name, row in data["results"].items():
         r = dict(zip(columns, row))
         q25 = r.get("stats_q_25")
-        if not q25:
-            continue  # not a timing benchmark
+        if not q25 or (r.get("started_at") or 0) < since_ms:
+            continue  # not a timing benchmark, or not measured by this run
         params = r.get("params") or []
         combos = list(itertools.product(*params)) if params else [()]
         for combo, q in zip(combos, q25):
@@ -92,10 +100,10 @@ def lower_quartiles(results_dir, sha, regexes):
     return out
 
 
-def slower_quartiles(results_dir, base, head, factor, regexes):
+def slower_quartiles(results_dir, base, head, factor, regexes, since_ms):
     """Benchmarks whose lower-quartile time grew by more than ``factor``, with the ratio."""
-    a = lower_quartiles(results_dir, base, regexes)
-    b = lower_quartiles(results_dir, head, regexes)
+    a = lower_quartiles(results_dir, base, regexes, since_ms)
+    b = lower_quartiles(results_dir, head, regexes, since_ms)
     return {k: b[k] / a[k] for k in sorted(a.keys() & b.keys()) if a[k] > 0 and b[k] / a[k] > factor}
 
 
@@ -119,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=float, required=True)
     p.add_argument("--bench", action="append", default=[], help="asv --bench regex (repeatable)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per commit (asv -a rounds=)")
+    p.add_argument("--confirm-rounds", type=int, default=None,
+                   help="rounds of the second run (default: twice --rounds; it only runs the flagged few)")
     p.add_argument("--asv", default=os.path.join(os.path.dirname(sys.executable), "asv"))
     p.add_argument("--results", default=".asv/results", help="results_dir of asv.conf.json")
     p.add_argument("extra", nargs="*", help="further asv continuous options, after --")
@@ -126,17 +136,18 @@ def main(argv=None) -> int:
 
     base, head = rev_parse(args.base), rev_parse(args.head)
 
-    def slower(rc, out, regexes):
+    def slower(rc, out, regexes, since_ms):
         """asv's own verdict joined with the lower-quartile one: {name: note}."""
         found = {name: "asv: slower (median, significant)" for name in (worse(out) if rc == 1 else [])}
-        for name, ratio in slower_quartiles(args.results, base, head, args.factor, regexes).items():
+        for name, ratio in slower_quartiles(args.results, base, head, args.factor, regexes, since_ms).items():
             found.setdefault(name, f"lower quartile {ratio:.2f}x")
         return found
 
+    since = time.time() * 1000
     rc, out = continuous(args.asv, args.factor, args.rounds, args.bench, args.base, args.head, args.extra)
     if rc not in (0, 1):
         return rc  # asv's own failure: a build or a benchmark broke
-    flagged = slower(rc, out, args.bench)
+    flagged = slower(rc, out, args.bench, since)
     if not flagged:
         print(f"\nno regression: nothing in {args.head} is slower than {args.base} by more than {args.factor}x")
         return 0
@@ -144,11 +155,21 @@ def main(argv=None) -> int:
     for name, note in flagged.items():
         print(f"  {name}: {note}")
     sys.stdout.flush()
+    # asv's --bench selects benchmarks by name and may not match a parameter tuple, so the
+    # second run selects the flagged benchmarks by name and the verdict keeps the exact
+    # parameter combinations. A run that measured nothing would leave the first run's
+    # results in place to "confirm" themselves: that is an error, not a verdict.
     exact = ["^" + re.escape(name) + "$" for name in flagged]
-    rc, out = continuous(args.asv, args.factor, args.rounds, exact, args.base, args.head, args.extra)
+    by_name = sorted({"^" + re.escape(name.split("(")[0]) + r"(\(|$)" for name in flagged})
+    rounds = args.confirm_rounds or 2 * args.rounds
+    since = time.time() * 1000
+    rc, out = continuous(args.asv, args.factor, rounds, by_name, args.base, args.head, args.extra)
     if rc not in (0, 1):
         return rc
-    confirmed = slower(rc, out, exact)
+    if "No benchmarks selected" in out:
+        print("\nerror: the second run selected no benchmark, so nothing was confirmed", file=sys.stderr)
+        return 2
+    confirmed = slower(rc, out, exact, since)
     if confirmed:
         print(f"\nREGRESSION (confirmed by a second run): {args.head} is slower than {args.base} "
               f"by more than {args.factor}x in:")
