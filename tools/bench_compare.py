@@ -35,9 +35,10 @@ import subprocess
 import sys
 import time
 
-_WORSE_HEADER = "Benchmarks that have got worse"
-# A row of asv's markdown table: | + | before | after | ratio | name(params) |
-_ROW = re.compile(r"^\|\s*\S*\s*\|[^|]*\|[^|]*\|[^|]*\|\s*(?P<name>.+?)\s*\|\s*$")
+# A row of asv's comparison table: | mark | before | after | ratio | name(params) |.
+# Without --no-only-changed asv prints the tables with no titles, so rows are
+# told apart by the mark: "+" slower, "!" newly failing (both count as worse).
+_ROW = re.compile(r"^\|\s*(?P<mark>[-+!*x ]?)\s*\|[^|]*\|[^|]*\|[^|]*\|\s*(?P<name>[^|]+?)\s*\|\s*$")
 
 
 def run(cmd: list[str]) -> tuple[int, str]:
@@ -53,16 +54,11 @@ def run(cmd: list[str]) -> tuple[int, str]:
 
 
 def worse(output: str) -> list[str]:
-    """Benchmark names, with their parameters, in asv's "got worse" table."""
-    names, inside = [], False
+    """Benchmark names, with their parameters, that asv marked slower or newly failing."""
+    names = []
     for line in output.splitlines():
-        if line.startswith(_WORSE_HEADER):
-            inside = True
-            continue
-        if inside and line.startswith("Benchmarks that have"):
-            break
-        m = _ROW.match(line.strip()) if inside else None
-        if m and not set(m.group("name")) <= set("-| ") and m.group("name") != "Benchmark (Parameter)":
+        m = _ROW.match(line.strip())
+        if m and m.group("mark") in ("+", "!") and m.group("name") not in names:
             names.append(m.group("name"))
     return names
 
