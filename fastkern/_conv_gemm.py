@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
-from .gemm import _slp_vectorize as slp_vectorize  # noqa: F401  (conv compiles its tiles under it)
+from ._codegen import vector_codegen as slp_vectorize  # noqa: F401  (conv compiles its tiles under it)
 
 NR = 32
 

@@ -27,8 +27,6 @@ signature per dtype serves C-ordered, transposed and strided views alike:
 """
 from __future__ import annotations
 
-import contextlib
-
 import numba
 import numpy as np
 from llvmlite import ir
@@ -38,6 +36,7 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
 from ._checks import check_no_overlap, check_out, check_scalar
+from ._codegen import FMA, vectorized
 
 _MATMUL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -65,34 +64,7 @@ DIRECT_MAX_N = 512
 DIRECT_SERIAL_WORK = 1 << 20
 
 
-# --------------------------------------------------------------------------- #
-# Compile with LLVM's SLP vectorizer on: it turns the unrolled tile updates
-# into packed FMAs. The flag is read when a library is optimized, so it is set
-# around every compile of these dispatchers, including compiles triggered by
-# other kernels calling gemm_serial, and restored afterwards.
-
-@contextlib.contextmanager
-def _slp_vectorize():
-    previous = numba.config.SLP_VECTORIZE
-    numba.config.SLP_VECTORIZE = True
-    try:
-        yield
-    finally:
-        numba.config.SLP_VECTORIZE = previous
-
-
-def _with_slp(dispatcher):
-    compile_ = dispatcher.compile
-
-    def compile(sig):
-        with _slp_vectorize():
-            return compile_(sig)
-
-    dispatcher.compile = compile
-    return dispatcher
-
-
-_FAST = {"contract"}  # FMA contraction only: no reassociation, NaN/inf kept
+_FAST = FMA
 
 
 # --------------------------------------------------------------------------- #
@@ -480,7 +452,7 @@ def gemm_serial(a, b, c, alpha, beta):
 
 for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
            _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel):
-    _with_slp(_d)
+    vectorized(_d)
 
 
 # --------------------------------------------------------------------------- #
