@@ -1,29 +1,40 @@
-"""Convolutions (1-D, 2-D, 3-D) as GEMMs, forward and backward side by side.
+"""Convolutions (1-D, 2-D, 3-D) as GEMMs on gemm.py's micro-kernel, forward and backward side by side.
 
-One 3-D implementation serves all three ops (1-D/2-D inputs are views with
-leading spatial dims of size 1). Work is split over threads by sample, each
-thread with its own slice of a cached workspace and single-threaded
-register-tiled GEMMs (``_conv_gemm``); nothing is shared between threads
-except read-only inputs (the packed weights).
+One 3-D implementation serves all three ops (1-D and 2-D inputs are views
+with leading spatial dims of size 1). Per group g, with K = C_in/G * kernel
+volume reduction rows and the output positions of one sample as columns:
 
-Stride 1 (1-D/2-D) runs on the *wide grid* (``_implicit_kernel``,
-``_wide_backward_kernel``): the sample is copied into a zero-bordered
-(C, Hp, Wp) buffer and outputs are computed on Hp x Wp positions, the
-kernel's reach past each row discarded, so every row of the column matrix is
-one contiguous run of that buffer: the forward reads B through a table of row
-offsets (no im2col, no packing), grad weight packs straight from the buffer and
-grad input columns fold back by contiguous adds (or, with enough input channels,
-grad input is the forward kernel on grad_y with the flipped, transposed weights).
+* forward:     ``y[n, g]  = W[g] @ cols[g]``               (+ bias per row)
+* grad weight: ``dW[g]   += dy[n, g] @ cols[g].T``          per-thread partials
+* grad input:  ``dcols[g] = W[g].T @ dy[n, g]``, folded back onto ``dx[n]``
 
-Other strides and 3-D use im2col per sample (or band of output rows), hot in L2:
+Every sample is first copied into a zero-bordered grid (C, Dp, Hp, Wp) that
+holds each tap of each window, so no loop over the columns tests a border.
+The columns come from that grid in one of two ways:
 
-* forward:        ``y[n, g] = W[g] @ col[g]``            (bias pre-filled, beta=1)
-* grad weight:    ``dW_t[g] += dy[n, g] @ col[g].T``       per-thread partials, summed at the end
-* grad input:     ``col[g] = W[g].T @ dy[n, g]``, then col2im into ``dx[n]`` (the thread owns sample n)
+* the **wide grid** (every stride 1): output (od, oh, ow) is computed at grid
+  column ``(od*Hp + oh)*Wp + ow``, so row (c, kd, kh, kw) of ``cols`` is one
+  contiguous run of the grid starting at ``c*Dp*Hp*Wp + kd*dD*Hp*Wp +
+  kh*dH*Wp + kw*dW``, read in place by the micro-kernel through a table of
+  row offsets: no im2col at all. Grid columns past OW (the kernel's reach at
+  the end of each row) are computed and dropped; in the backward, grad_y is
+  spread onto the grid with zeros there, and grad input folds back by
+  contiguous adds.
+* **explicit columns** (other strides, or where the dropped columns would cost
+  more than a copy, ``_IM2COL_COST``): a band of output rows is gathered from
+  the grid into a buffer hot in L2, packed into NR-column panels for the
+  forward and row-major for the backward; grad input folds back onto the
+  grid. A sample too large for a per-thread grid gathers straight from the
+  input instead (``gather_rows``/``scatter_rows`` of im2col.py).
 
-Both backward products run in one pass over the samples, so the columns are
-built once per backward. Groups are a loop inside the kernel over row blocks
-of the same columns.
+The weight gradient reads both operands along the output positions: with few
+output channels through inner-product tiles (``gemm.dot_tile``), otherwise as
+``dW[g].T = cols @ dy.T`` with dy transposed into NR-channel panels.
+
+Threads own whole samples (the forward also splits a sample into bands when
+there are fewer samples than threads), so nothing is written by two threads:
+grad weight goes into per-thread partials, summed at the end, and results are
+deterministic for a given thread count.
 """
 from __future__ import annotations
 
@@ -32,25 +43,28 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype
-from ._conv_gemm import NR, gemm_implicit, gemm_packed, mr_for, pack_a, pack_b, pack_bt, slp_vectorize
+from ._codegen import vector_codegen
+from .gemm import (DOT_R, DOT_S, NR, _cdiv, _lanes, _mr, _pack_a, _stack_array, _tile_rows, dot_tile, tiles_a_rows,
+                   tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 
-# Column workspace, all threads together. Each thread's tile (columns of one
-# sample, or a band of its output rows, plus one output tile) aims at
-# _TILE_BYTES so it stays in the 2 MiB L2 between im2col and the GEMM that
-# consumes it; _MAX_WORKSPACE_BYTES is the hard cap for the total (a tile is
-# never smaller than one output row, so a single row larger than the cap is the
-# only way past it).
-_TILE_BYTES = 1 << 20
+# Per-thread scratch (padded sample, column band, output tile rows) aims at
+# _THREAD_BYTES so it stays in the 2 MiB L2 from the copy that fills it to the
+# GEMM that reads it; _MAX_WORKSPACE_BYTES caps all threads together (a band
+# is never less than one output row, the only way past the cap).
+_THREAD_BYTES = 1 << 20
 _MAX_WORKSPACE_BYTES = 64 << 20
-
-# The stride-1 forward runs on the wide grid (no im2col, see _conv_gemm) while
-# its wasted columns (the kernel's reach at the end of every output row, and
-# the last tile's padding to NR) keep this fraction of the plain columns' tile
-# efficiency.
-_IMPLICIT = True
-_IMPLICIT_MIN_EFFICIENCY = 0.75
-_IMPLICIT_DX_MIN_ROWS = 8
+# One im2col element (a gather into the column band) costs about as much time
+# as this many multiply-adds in the micro-kernel; it decides between explicit
+# columns and the wide grid, whose dropped columns are wasted multiply-adds.
+_IM2COL_COST = 16
+# The weight gradient uses inner-product tiles (gemm.dot_tile) when their
+# per-lane partial sums fit this (narrow layers, where an NR-wide tile of
+# output channels would be mostly padding), NR-wide tiles otherwise.
+_DOT_PARTIAL_BYTES = 256 << 10
+# None picks the column source by cost; tests force "wide", "columns" (gathered from the
+# grid) or "direct" (gathered from the input, no grid) where it applies.
+_FORCE = None
 
 _workspaces: dict = {}
 _peak_bytes = 0
@@ -71,231 +85,58 @@ def clear_workspaces() -> None:
     _workspaces.clear()
 
 
-def _workspace(dtype, n_threads, per_thread, kind=""):
+def _workspace(kind, dtype, n_threads, per_thread):
+    """Zeroed (n_threads, >= per_thread) scratch, kept between calls and grown on demand."""
     global _peak_bytes
-    key = np.dtype(dtype) if not kind else (kind, np.dtype(dtype))
+    key = (kind, np.dtype(dtype))
     ws = _workspaces.get(key)
     if ws is None or ws.shape[0] != n_threads or ws.shape[1] < per_thread:
         old = 0 if ws is None or ws.shape[0] != n_threads else ws.shape[1]
         _workspaces.pop(key, None)
-        ws = np.empty((n_threads, max(per_thread, old)), dtype=dtype)
+        ws = np.zeros((n_threads, max(per_thread, old)), dtype=dtype)
         _workspaces[key] = ws
         _peak_bytes = max(_peak_bytes, workspace_bytes())
     return ws
 
 
-def _tiling(k, kg, mg, mr, rows, ow, itemsize, n_threads, min_tiles=1):
-    """Output rows per tile so one thread's workspace fits _TILE_BYTES (and all threads the cap)."""
-    def nbytes(rt):
-        return _ws_floats(k, kg, mg, rt * ow, mr) * itemsize
-
-    budget = min(_TILE_BYTES, _MAX_WORKSPACE_BYTES // n_threads)
-    rt = rows
-    while rt > 1 and nbytes(rt) > budget:
-        rt = max(1, min(rt - 1, budget * rt // nbytes(rt)))
-    if 2 * rt >= rows and nbytes(rows) * n_threads <= _MAX_WORKSPACE_BYTES:
-        rt = rows  # a whole sample beats two tiles
-    n_tiles = -(-rows // rt)
-    if n_tiles < min_tiles:
-        n_tiles = min(rows, min_tiles)
-        rt = -(-rows // n_tiles)
-        n_tiles = -(-rows // rt)
-    return rt, n_tiles, _ws_floats(k, kg, mg, rt * ow, mr)
-
-
 # ---------------------------------------------------------------------------
-# Kernels
+# Index helpers
+
+_vector_register = _stack_array(lambda dt: 64 * 8 // dt.bitwidth)
 
 
-@njit(cache=True)
-def _pack_weights(w, wp, transpose, mr):
-    # w (G, Mg, Kg) -> per group, the packed A operand of W[g] (forward) or W[g].T (grad input)
-    for g in range(w.shape[0]):
-        if transpose:
-            pack_a(w[g].T, wp[g], mr)
-        else:
-            pack_a(w[g], wp[g], mr)
+@njit(inline="always")
+def _grid_col(r, oh, hw, ww):
+    """Grid column of the first output of output row ``r = od * OH + oh``."""
+    od = r // oh
+    return (od * hw + r - od * oh) * ww
 
 
-@njit(parallel=True, cache=True)
-def _forward_kernel(x, wp, mg, kg, mr, bias, has_bias, y, ws, geo, rt, n_tiles, n_threads):
-    # x (N, C, D, H, W); wp (G, packed Mg x Kg); y flat (N * G * Mg * P); ws (T, per-thread floats)
-    n_samples, n_chan = x.shape[0], x.shape[1]
-    n_groups = wp.shape[0]
-    ow = geo[14]
-    rows = geo[12] * geo[13]
-    p_all = rows * ow
-    k = n_groups * kg
-    n_items = n_samples * n_tiles
-    for t in prange(n_threads):
-        buf = ws[t]
-        for it in range(t * n_items // n_threads, (t + 1) * n_items // n_threads):
-            n = it // n_tiles
-            r0 = (it - n * n_tiles) * rt
-            r1 = min(r0 + rt, rows)
-            pt = (r1 - r0) * ow
-            col = buf[: k * pt].reshape((k, pt))
-            bp = buf[k * pt : k * pt + kg * _round_up(pt, NR)]
-            ct = buf[buf.size - mr * NR :]
-            gather_rows(x[n], col, 0, n_chan, r0, r1, geo)
-            for g in range(n_groups):
-                pack_b(col[g * kg : (g + 1) * kg], bp)
-                c0 = (n * n_groups + g) * mg * p_all + r0 * ow
-                gemm_packed(wp[g], bp, mg, pt, kg, mr, y, c0, p_all, False, bias[g * mg :], has_bias, ct)
+@njit(inline="always")
+def _band(r0, r1, geo, grid):
+    """(first grid column, number of grid columns) of output rows [r0, r1)."""
+    oh, ow = geo[13], geo[14]
+    j0 = _grid_col(r0, oh, grid[1], grid[2])
+    return j0, _grid_col(r1 - 1, oh, grid[1], grid[2]) + ow - j0
 
 
-@njit(parallel=True, cache=True)
-def _implicit_kernel(x, wp, mg, kg, mr, bias, has_bias, y, pad, boffs, ph, pw, hp, wpad, ow, n_threads):
-    # Stride-1 conv on the wide grid: x (N, C, H, W); pad (T, >= C*hp*wpad + NR) per-thread
-    # zero-bordered copies of one sample; boffs (Kg,) B row offsets of group 0; y flat (N, G*Mg, OH*OW).
-    n_samples, n_chan, h, w = x.shape
-    n_groups = wp.shape[0]
-    cg = n_chan // n_groups
-    plane = hp * wpad
-    p_all = y.size // (n_samples * n_groups * mg)
-    nw = (p_all // ow - 1) * wpad + ow
-    for t in prange(n_threads):
-        buf = pad[t, : n_chan * plane + NR]
-        buf[:] = 0  # the borders stay zero: each sample overwrites the interior only
-        ct = np.empty(mr * NR, buf.dtype)
-        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
-            for c in range(n_chan):
-                for r in range(h):
-                    d0 = c * plane + (r + ph) * wpad + pw
-                    dst = buf[d0 : d0 + w]
-                    src = x[n, c, r]
-                    for e in range(w):
-                        dst[e] = src[e]
-            for g in range(n_groups):
-                gemm_implicit(wp[g], buf, boffs, g * cg * plane, mg, kg, mr, nw, wpad, ow,
-                              y, (n * n_groups + g) * mg * p_all, p_all, bias[g * mg :], has_bias, ct)
-
-
-@njit(parallel=True, cache=True)
-def _backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, geo, rt, n_tiles, n_threads, do_dx):
-    # gy (N, G, Mg, P); wtp (G, packed W[g].T); dx like x; dw_part (T, G*Mg*Kg), db_part (T, G*Mg) zeroed
-    n_samples, n_chan = x.shape[0], x.shape[1]
-    n_groups = wtp.shape[0]
-    ow = geo[14]
-    rows = geo[12] * geo[13]
-    k = n_groups * kg
-    zero = gy.dtype.type(0)
-    for t in prange(n_threads):
-        buf = ws[t]
-        ct = buf[buf.size - mr * NR :]
-        dw = dw_part[t]
-        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
-            if do_dx:
-                dx[n] = 0
-            for tile in range(n_tiles):
-                r0 = tile * rt
-                r1 = min(r0 + rt, rows)
-                pt = (r1 - r0) * ow
-                colf = buf[: k * pt]
-                col = colf.reshape((k, pt))
-                n_b = max(kg * _round_up(pt, NR), _round_up(kg, NR) * pt, mg * _round_up(pt, NR))
-                bp = buf[k * pt : k * pt + n_b]
-                ap = buf[k * pt + n_b : k * pt + n_b + _round_up(mg, mr) * pt]
-                gather_rows(x[n], col, 0, n_chan, r0, r1, geo)
-                for g in range(n_groups):
-                    band = gy[n, g][:, r0 * ow : r1 * ow]
-                    for m in range(mg):
-                        s = zero
-                        for p in range(pt):
-                            s += band[m, p]
-                        db_part[t, g * mg + m] += s
-                    # grad weight: dW[g] += dy_band @ col[g].T
-                    pack_a(band, ap, mr)
-                    pack_bt(col[g * kg : (g + 1) * kg], bp)
-                    gemm_packed(ap, bp, mg, kg, pt, mr, dw, g * mg * kg, kg, True, ap, False, ct)
-                    # grad input columns, over col[g] (no longer needed): W[g].T @ dy_band
-                    if do_dx:
-                        pack_b(band, bp)
-                        gemm_packed(wtp[g], bp, kg, pt, mg, mr, colf, g * kg * pt, pt, False, ap, False, ct)
-                if do_dx:
-                    scatter_rows(dx[n], col, 0, n_chan, r0, r1, geo)
-
-
-@njit(parallel=True, cache=True)
-def _wide_backward_kernel(gy, x, wtp, mg, kg, mr, dx, dw_part, db_part, ws, boffs, ph, pw, hp, wpad, nwr,
-                          n_threads, do_dx):
-    # Stride-1 backward on the wide grid (see _implicit_kernel): gy (N, G, Mg, OH, OW); x, dx (N, C, H, W).
-    # With grad_y spread onto the wide grid (zeros in the discarded columns) as dyw (G*Mg, nwr), the
-    # columns are colw[kk, j] = xp[boffs[kk] + j]: grad weight is dyw @ colw.T, packed straight from
-    # the padded sample, and grad input columns W.T @ dyw fold back by one contiguous add per row.
-    n_samples, n_chan, h, w = x.shape
-    n_groups = wtp.shape[0]
-    oh, ow = gy.shape[3], gy.shape[4]
-    cg = n_chan // n_groups
-    plane = hp * wpad
-    xs = n_chan * plane + NR
-    kgr = _round_up(kg, NR)
-    zero = x.dtype.type(0)
-    for t in prange(n_threads):
-        buf = ws[t]
-        xp = buf[:xs]
-        dxp = buf[xs : 2 * xs]
-        o = 2 * xs
-        dyw = buf[o : o + n_groups * mg * nwr].reshape((n_groups * mg, nwr))
-        o += n_groups * mg * nwr
-        colw = buf[o : o + kg * nwr].reshape((kg, nwr))
-        o += kg * nwr
-        bt = buf[o : o + kgr * nwr]
-        o += kgr * nwr
-        ap = buf[o : o + _round_up(mg, mr) * nwr]
-        o += _round_up(mg, mr) * nwr
-        bp = buf[o : o + mg * nwr]
-        o += mg * nwr
-        ct = buf[o : o + mr * NR]
-        buf[: o] = 0  # borders, discarded columns and the tile's padding rows stay zero
-        dw = dw_part[t]
-        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
-            for c in range(n_chan):
-                for r in range(h):
-                    d0 = c * plane + (r + ph) * wpad + pw
-                    dst = xp[d0 : d0 + w]
-                    src = x[n, c, r]
-                    for e in range(w):
-                        dst[e] = src[e]
-            for g in range(n_groups):
-                for m in range(mg):
-                    row = dyw[g * mg + m]
-                    s = zero
-                    for r in range(oh):
-                        src = gy[n, g, m, r]
-                        dst = row[r * wpad : r * wpad + ow]
-                        for e in range(ow):
-                            dst[e] = src[e]
-                            s += src[e]
-                    db_part[t, g * mg + m] += s
-            for g in range(n_groups):
-                base = g * cg * plane
-                # grad weight: dW[g] += dyw[g] @ colw.T, colw.T packed into NR-column panels
-                for kk in range(kg):
-                    src = xp[base + boffs[kk] : base + boffs[kk] + nwr]
-                    pan = bt[(kk // NR) * nwr * NR + kk % NR :]
-                    for j in range(nwr):
-                        pan[j * NR] = src[j]
-                band = dyw[g * mg : (g + 1) * mg]
-                pack_a(band, ap, mr)
-                gemm_packed(ap, bt, mg, kg, nwr, mr, dw, g * mg * kg, kg, True, ap, False, ct)
-                if do_dx:
-                    pack_b(band, bp)
-                    gemm_packed(wtp[g], bp, kg, nwr, mg, mr, colw.reshape(-1), 0, nwr, False, ap, False, ct)
-                    for kk in range(kg):
-                        dst = dxp[base + boffs[kk] : base + boffs[kk] + nwr]
-                        src = colw[kk]
-                        for j in range(nwr):
-                            dst[j] += src[j]
-            if do_dx:
-                for c in range(n_chan):
-                    for r in range(h):
-                        d0 = c * plane + (r + ph) * wpad + pw
-                        src = dxp[d0 : d0 + w]
-                        dst = dx[n, c, r]
-                        for e in range(w):
-                            dst[e] = src[e]
-                dxp[:] = 0
+@njit(inline="always")
+def _band_rows(r0, r1, geo, grid, ogrid, win, ocol):
+    """Per output row of the band [r0, r1): ``win``, the grid offset of its first window (tap 0,
+    channel 0), and ``ocol``, its first column relative to the band's. Returns (j0, ncol) of
+    :func:`_band`. Computed once per band, so no row loop divides."""
+    oh = geo[13]
+    od = r0 // oh
+    o_h = r0 - od * oh
+    j0, ncol = _band(r0, r1, geo, ogrid)
+    for rr in range(r1 - r0):
+        win[rr] = (od * geo[3] * grid[1] + o_h * geo[4]) * grid[2]
+        ocol[rr] = (od * ogrid[1] + o_h) * ogrid[2] - j0
+        o_h += 1
+        if o_h == oh:
+            o_h = 0
+            od += 1
+    return j0, ncol
 
 
 @njit(inline="always")
@@ -303,25 +144,467 @@ def _round_up(a, b):
     return (a + b - 1) // b * b
 
 
-def _ws_floats(k, kg, mg, pt, mr):
-    """Per-thread workspace (elements) for a tile of ``pt`` outputs: columns, packed B, packed A, C tile."""
-    n_b = max(kg * _round_up_py(pt, NR), _round_up_py(kg, NR) * pt, mg * _round_up_py(pt, NR))
-    return k * pt + n_b + _round_up_py(mg, mr) * pt + mr * NR
+@njit(inline="always")
+def _grid_copy(xn, xg, geo, grid, to_grid):
+    """Sample ``xn`` (C, D, H, W) into the interior of the zero-bordered grid ``xg`` (flat
+    C x Dp x Hp x Wp), or with ``to_grid`` False that interior back into ``xn`` (the adjoint of
+    padding drops the borders). Input past the last tap a strided window reaches is left out.
+    """
+    n_chan, d, h, w = xn.shape
+    pd, ph, pw = geo[6], geo[7], geo[8]
+    dp, hp, wp = grid
+    run = min(w, wp - pw)
+    for c in range(n_chan):
+        for z in range(min(d, dp - pd)):
+            for r in range(min(h, hp - ph)):
+                o = ((c * dp + z + pd) * hp + r + ph) * wp + pw
+                inside = xg[o:o + run]
+                sample = xn[c, z, r]
+                if to_grid:
+                    for e in range(run):
+                        inside[e] = sample[e]
+                else:
+                    for e in range(run):
+                        sample[e] = inside[e]
 
 
-def _wide_ws_floats(x_floats, m, kg, mg, mr, nwr):
-    """Per-thread workspace (elements) of the wide-grid backward: padded x and dx, wide grad_y,
-    columns, their packed transpose, packed grad_y as A and as B, C tile."""
-    return (2 * (x_floats + NR) + m * nwr + kg * nwr + _round_up_py(kg, NR) * nwr
-            + _round_up_py(mg, mr) * nwr + mg * nwr + mr * NR)
+@njit(inline="always")
+def _columns(xg, col, ld, goffs, n_rows_band, win, geo, fold):
+    """Explicit columns ``col[k, rr*OW + ow]`` (rows ld apart) of a band of output rows whose
+    windows start at ``win``, gathered from the grid ``xg``; with ``fold`` the adjoint,
+    ``xg += fold(col)`` (the caller owns xg)."""
+    ow, sw = geo[14], geo[5]
+    vl = _lanes(col)
+    for kk in range(goffs.size):
+        for rr in range(n_rows_band):
+            s0 = goffs[kk] + win[rr]
+            d0 = kk * ld + rr * ow
+            if fold:
+                src = col[d0:d0 + ow]
+                if sw == 1:
+                    dst = xg[s0:s0 + ow]
+                    for e in range(ow):
+                        dst[e] += src[e]
+                else:
+                    dst = xg[s0:]
+                    for e in range(ow):
+                        dst[e * sw] += src[e]
+            else:
+                _run_copy(xg, s0, sw, col, d0, ow, vl)
+
+
+@njit(inline="always")
+def _panel_columns(xg, col, goffs, n_rows_band, win, geo, pieces):
+    """The columns of a band packed for the micro-kernel: column j of row k at
+    ``col[(j // NR) * rows * NR + k * NR + j % NR]``, the last panel zero padded.
+
+    A panel's 32 columns are pieces of output rows, the same for every row k:
+    they are listed once per panel in ``pieces`` (3 x NR ints: destination,
+    grid offset after goffs[k], length) and copied for each k.
+    """
+    ow, sw = geo[14], geo[5]
+    vl = _lanes(col)
+    n_rows = goffs.size
+    ncol = n_rows_band * ow
+    zero = col.dtype.type(0)
+    for q in range(_cdiv(ncol, NR)):
+        j_lo, j_hi = q * NR, min(q * NR + NR, ncol)
+        n_pieces = 0
+        j = j_lo
+        while j < j_hi:
+            rr = j // ow
+            e = j - rr * ow
+            pieces[0, n_pieces] = j - j_lo
+            pieces[1, n_pieces] = win[rr] + e * sw
+            pieces[2, n_pieces] = min(ow - e, j_hi - j)
+            j += pieces[2, n_pieces]
+            n_pieces += 1
+        for kk in range(n_rows):
+            base = q * n_rows * NR + kk * NR
+            for i in range(n_pieces):
+                _run_copy(xg, goffs[kk] + pieces[1, i], sw, col, base + pieces[0, i], pieces[2, i], vl)
+    last = (_cdiv(ncol, NR) - 1) * n_rows * NR
+    for kk in range(n_rows):
+        for jj in range(ncol - (_cdiv(ncol, NR) - 1) * NR, NR):
+            col[last + kk * NR + jj] = zero
+
+
+@njit(inline="always")
+def _run_copy(xg, s0, sw, col, d0, n, vl):
+    """``col[d0:d0 + n] = xg[s0:s0 + n*sw:sw]``. With stride 1 it copies whole vectors: the
+    spill past n lands where the caller writes later (or in the slack), never on a result."""
+    if sw == 1:
+        dst = col[np.uintp(d0):]
+        src = xg[np.uintp(s0):]
+        reg = _vector_register(col)  # all loads before the stores: the two may alias, so
+        for v0 in range(0, n, vl):   # only this order lets them fuse into one vector each
+            for e in range(vl):
+                reg[e] = src[v0 + e]
+            for e in range(vl):
+                dst[v0 + e] = reg[e]
+    else:
+        dst = col[d0:d0 + n]
+        src = xg[s0:]
+        for e in range(n):
+            dst[e] = src[e * sw]
+
+
+# Where the micro-kernel reads the columns from (see the module docstring).
+WIDE, GRID_COLUMNS, DIRECT_COLUMNS = 0, 1, 2
+
+
+@njit(inline="always")
+def _fill_source(xn, xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol):
+    """Make the column rows of output rows [r0, r1) readable; return (j0, jb, ncol).
+
+    j0 is the band's first column in the output grid ``ogrid``, jb where that
+    column sits in each row of the source, ncol the band's width; ``win`` and
+    ``ocol`` get the band's rows (:func:`_band_rows`). The wide grid is the
+    source itself (the caller fills it once per sample, jb = j0); explicit
+    columns are gathered for the band alone (jb = 0), rows ``ld`` apart, from
+    the grid or, when no grid fits, straight from ``xn``.
+    """
+    j0, ncol = _band_rows(r0, r1, geo, grid, ogrid, win, ocol)
+    if mode == WIDE:
+        return j0, j0, ncol
+    n_rows = goffs.size
+    if mode == GRID_COLUMNS:
+        _columns(xg, col, ld, goffs, r1 - r0, win, geo, False)
+    else:
+        gather_rows(xn, col[:n_rows * ld].reshape((n_rows, ld)), 0, xn.shape[0], r0, r1, geo)
+    zero = col.dtype.type(0)
+    for kk in range(n_rows):  # tiles read up to NR-aligned widths: keep stale values out
+        tail = col[kk * ld + ncol:kk * ld + _round_up(ncol, NR)]
+        for e in range(tail.size):
+            tail[e] = zero
+    return j0, 0, ncol
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+
+
+@njit(cache=True)
+def _pack_weights(w, wpk, transpose, mr):
+    # w (G, Mg, K): per group, W[g] (forward, Mg x K) or W[g].T (grad input, K x Mg) in MR-row panels
+    mg, k = w.shape[1], w.shape[2]
+    for g in range(w.shape[0]):
+        flat = w[g].reshape(-1)
+        if transpose:
+            _pack_a(flat, 0, 1, k, k, mg, wpk[g], mr)
+        else:
+            _pack_a(flat, 0, k, 1, mg, k, wpk[g], mr)
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(x, wpk, bias, has_bias, y, ws, boffs, goffs, geo, grid, ogrid, mode, rt, n_bands,
+                    mg, k, gstride, grid_len, col_len, ld, n_threads):
+    # x (N, C, D, H, W); wpk (G, packed Mg x K); y (N, G*Mg, P); ws (T, >= grid + columns + Mg~*ld + tile)
+    n_samples = x.shape[0]
+    n_groups = wpk.shape[0]
+    oh, ow = geo[13], geo[14]
+    rows = geo[12] * oh
+    mr = _tile_rows(x)
+    mgp = _round_up(mg, mr)
+    n_items = n_samples * n_bands
+    zero = y.dtype.type(0)
+    for t in prange(n_threads):
+        buf = ws[t]
+        xg = buf[:grid_len]
+        col = buf[grid_len:grid_len + col_len]
+        cbuf = buf[grid_len + col_len:grid_len + col_len + mgp * ld]
+        tile = buf[grid_len + col_len + mgp * ld:]
+        src = xg if mode == WIDE else col
+        win = np.empty(rt, np.int64)
+        ocol = np.empty(rt, np.int64)
+        pieces = np.empty((3, NR), np.int64)
+        xg[:] = zero  # the grid's borders: each sample then overwrites the interior only
+        current = -1
+        for it in range(t * n_items // n_threads, (t + 1) * n_items // n_threads):
+            n = it // n_bands
+            r0 = (it - n * n_bands) * rt
+            r1 = min(r0 + rt, rows)
+            if mode != DIRECT_COLUMNS and n != current:
+                _grid_copy(x[n], xg, geo, grid, True)
+                current = n
+            if mode == GRID_COLUMNS:
+                j0, ncol = _band_rows(r0, r1, geo, grid, ogrid, win, ocol)
+                _panel_columns(xg, col, goffs, r1 - r0, win, geo, pieces)
+            else:
+                j0, jb, ncol = _fill_source(x[n], xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol)
+            for g in range(n_groups):
+                if mode == GRID_COLUMNS:
+                    tiles_b_panels(mg, ncol, k, wpk[g], col, g * k * NR, goffs.size * NR, cbuf, ld, tile)
+                else:
+                    tiles_b_rows(mg, ncol, k, wpk[g], src, g * gstride + jb, boffs, cbuf, ld, tile)
+                for co in range(mg):
+                    bv = bias[g * mg + co] if has_bias else zero
+                    yrow = y[n, g * mg + co]
+                    for rr in range(r1 - r0):
+                        c0 = co * ld + ocol[rr]
+                        res = cbuf[c0:c0 + ow]
+                        dst = yrow[(r0 + rr) * ow:(r0 + rr + 1) * ow]
+                        for e in range(ow):
+                            dst[e] = res[e] + bv
+
+
+@njit(parallel=True, cache=True)
+def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs, geo, grid, ogrid, mode,
+                     rt, n_bands, mg, k, gstride, grid_len, col_len, ld, do_dx, n_threads):
+    # gy (N, G*Mg, P); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx); wtpk (G, packed W[g].T);
+    # zeroed per-thread partials: db (T, G*Mg) of the bias grad, and of the weight grad either
+    # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
+    # not empty, per-lane sums of inner-product tiles (narrow layers)
+    n_samples = x.shape[0]
+    n_groups = wtpk.shape[0]
+    oh, ow = geo[13], geo[14]
+    rows = geo[12] * oh
+    mr = _tile_rows(x)
+    vl = _lanes(x)
+    mgp = dwt.shape[3]
+    zero = gy.dtype.type(0)
+    for t in prange(n_threads):
+        buf = ws[t]
+        xg = buf[:grid_len]
+        o = grid_len
+        dxg = buf[o:o + grid_len]  # grad input on the grid, folded into
+        o += grid_len
+        col = buf[o:o + col_len]
+        o += col_len
+        dyw = buf[o:o + n_groups * mg * ld]  # grad_y on the output grid, rows ld apart
+        o += n_groups * mg * ld
+        dyt = buf[o:o + mgp * ld]  # one group's grad_y transposed into NR-channel panels
+        o += mgp * ld
+        dcol = buf[o:o + (n_groups * k + mr) * ld]  # grad input columns
+        o += (n_groups * k + mr) * ld
+        tile = buf[o:]
+        src = xg if mode == WIDE else col
+        dwt_t = dwt[t]
+        dot = dwp.size > 0
+        n_rt, n_st = dwp.shape[2], dwp.shape[3]
+        aoffs = np.empty(DOT_R, np.int64)
+        toffs = np.empty(DOT_S, np.int64)
+        win = np.empty(rt, np.int64)
+        ocol = np.empty(rt, np.int64)
+        xg[:] = zero
+        dxg[:] = zero
+        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
+            if mode != DIRECT_COLUMNS:
+                _grid_copy(x[n], xg, geo, grid, True)
+            for band in range(n_bands):
+                r0 = band * rt
+                r1 = min(r0 + rt, rows)
+                j0, jb, ncol = _fill_source(x[n], xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol)
+                lpad = _round_up(ncol, NR)
+                for co in range(n_groups * mg):
+                    row = dyw[co * ld:co * ld + lpad]
+                    for e in range(lpad):
+                        row[e] = zero
+                    s = zero
+                    for rr in range(r1 - r0):
+                        g_row = gy[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
+                        dst = row[ocol[rr]:ocol[rr] + ow]
+                        for e in range(ow):
+                            dst[e] = g_row[e]
+                            s += g_row[e]
+                    db[t, co] += s
+                for g in range(n_groups):
+                    if dot:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
+                        for i in range(n_rt):
+                            for r in range(DOT_R):
+                                aoffs[r] = (g * mg + min(i * DOT_R + r, mg - 1)) * ld
+                            for j in range(n_st):
+                                for s_ in range(DOT_S):
+                                    toffs[s_] = g * gstride + jb + boffs[min(j * DOT_S + s_, k - 1)]
+                                dot_tile(lpad // vl, dyw, aoffs, src, toffs, dwp[t, g, i, j], 0)
+                    else:  # grad weight: dW[g].T += cols (K x ncol, rows in place) @ dyw[g].T (packed here)
+                        for q in range(mgp // NR):
+                            pan = dyt[q * ncol * NR:(q + 1) * ncol * NR]
+                            for l in range(ncol):
+                                dst = pan[l * NR:(l + 1) * NR]
+                                for c in range(NR):
+                                    co = q * NR + c
+                                    dst[c] = dyw[(g * mg + co) * ld + l] if co < mg else zero
+                        tiles_a_rows(k, mg, ncol, src, g * gstride + jb, arows, dyt, dwt_t[g].reshape(-1), mgp,
+                                     tile)
+                    if do_dx:
+                        # grad input columns of the band: W[g].T @ dyw[g]
+                        dc = dcol[g * k * ld:]
+                        tiles_b_rows(k, ncol, mg, wtpk[g], dyw, g * mg * ld, dyoffs, dc, ld, tile)
+                        if mode == WIDE:
+                            for kk in range(k):
+                                d0 = g * gstride + jb + boffs[kk]
+                                dst = dxg[d0:d0 + ncol]
+                                res = dc[kk * ld:kk * ld + ncol]
+                                for e in range(ncol):
+                                    dst[e] += res[e]
+                if do_dx and mode == GRID_COLUMNS:
+                    _columns(dxg, dcol, ld, goffs, r1 - r0, win, geo, True)
+                elif do_dx and mode == DIRECT_COLUMNS:
+                    n_rows = n_groups * k
+                    scatter_rows(dx[n], dcol[:n_rows * ld].reshape((n_rows, ld)), 0, x.shape[1], r0, r1, geo)
+            if do_dx and mode != DIRECT_COLUMNS:
+                _grid_copy(dx[n], dxg, geo, grid, False)
+                dxg[:] = zero
+
+
+# ---------------------------------------------------------------------------
+# Planning and drivers (Python side: every shape was validated before this)
+
+
+class _Plan:
+    """Column source, band height and scratch layout of one conv call (see the module docstring)."""
+
+    def __init__(self, x5_shape, w3_shape, geo, dtype, n_threads, backward, min_bands=1):
+        n, c = x5_shape[:2]
+        n_groups, mg, k = w3_shape
+        kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
+        self.rows = rows = od * oh
+        positions = rows * ow
+        self.mr = mr = _mr(dtype)
+        # the zero-bordered input grid: every tap of every window, nothing past the last one
+        self.grid = grid = ((od - 1) * sd + (kd - 1) * dd + 1, (oh - 1) * sh + (kh - 1) * dh + 1,
+                            (ow - 1) * sw + (kw - 1) * dw + 1)
+        plane = grid[0] * grid[1] * grid[2]
+        grids = 2 if backward else 1
+        grid_fits = ((c * plane + NR) * grids * dtype.itemsize * n_threads <= _MAX_WORKSPACE_BYTES
+                     and _FORCE != "direct")
+        wide = sd == sh == sw == 1 and grid_fits and _FORCE != "columns"
+        if wide and _FORCE is None:
+            n_wide = ((od - 1) * grid[1] + oh - 1) * grid[2] + ow
+            macs = n_groups * mg * k
+            wide = (_round_up_py(n_wide, NR) * macs
+                    <= _round_up_py(positions, NR) * macs + positions * n_groups * k * _IM2COL_COST)
+        self.mode = WIDE if wide else GRID_COLUMNS if grid_fits else DIRECT_COLUMNS
+        self.ogrid = grid if wide else (od, oh, ow)
+        self.grid_len = c * plane + NR if self.mode != DIRECT_COLUMNS else 0
+        mgp_rows, mgp_cols = _round_up_py(mg, mr), _round_up_py(mg, NR)
+
+        def layout(rt):
+            ld = _round_up_py(max(self._band_width(r0, min(r0 + rt, rows), geo) for r0 in range(0, rows, rt)), NR)
+            col_len = 0 if wide else n_groups * k * ld + NR
+            if backward:
+                floats = (self.grid_len * 2 + col_len + n_groups * mg * ld + mgp_cols * ld
+                          + (n_groups * k + mr) * ld + mr * NR)
+            else:
+                floats = self.grid_len + col_len + mgp_rows * ld + mr * NR
+            return ld, col_len, floats
+
+        budget = min(_THREAD_BYTES, _MAX_WORKSPACE_BYTES // n_threads) // dtype.itemsize
+        rt = rows
+        if not backward and min_bands > 1:
+            rt = -(-rows // min(rows, min_bands))
+        ld, col_len, floats = layout(rt)
+        while rt > 1 and floats > budget:
+            rt = max(1, min(rt - 1, rt * budget // floats))
+            ld, col_len, floats = layout(rt)
+        self.rt, self.n_bands = rt, -(-rows // rt)
+        self.ld, self.col_len, self.per_thread = ld, col_len, floats
+        taps = np.arange(kd * kh * kw)
+        tap_off = ((taps // (kh * kw)) * dd * grid[1] * grid[2] + (taps // kw % kh) * dh * grid[2]
+                   + (taps % kw) * dw)
+        self.goffs = (np.arange(c)[:, None] * plane + tap_off[None, :]).reshape(-1).astype(np.int64)
+        self.gstride = (c // n_groups) * plane if wide else k * ld
+        self.boffs = self.goffs[:k].copy() if wide else (np.arange(k) * ld).astype(np.int64)
+        self.arows = np.zeros(_round_up_py(k, mr), np.int64)
+        self.arows[:k] = self.boffs
+        self.dyoffs = (np.arange(mg) * ld).astype(np.int64)
+
+    def _band_width(self, r0, r1, geo):
+        oh, ow = geo[13], geo[14]
+        hw, ww = self.ogrid[1], self.ogrid[2]
+
+        def col(r):
+            od = r // oh
+            return (od * hw + r - od * oh) * ww
+
+        return col(r1 - 1) + ow - col(r0)
 
 
 def _round_up_py(a, b):
     return -(-a // b) * b
 
 
+def _prepare(nd, x, weight, groups, kernel, geo_args):
+    stride, pad_lo, _, dilation, out = geo_args
+    n, c_in = x.shape[:2]
+    c_out = weight.shape[0]
+    x5 = np.ascontiguousarray(x).reshape((n, c_in) + lift3(x.shape[2:], 1))
+    w3 = np.ascontiguousarray(weight).reshape((groups, c_out // groups, -1))
+    geo = make_geo(lift3(kernel, 1), lift3(stride, 1), lift3(pad_lo, 0), lift3(dilation, 1), lift3(out, 1))
+    return x5, w3, geo, out
+
+
+def _packed_weights(w3, transpose, mr):
+    n_groups, mg, k = w3.shape
+    rows, cols = (k, mg) if transpose else (mg, k)
+    wpk = np.empty((n_groups, _round_up_py(rows, mr) * cols), w3.dtype)
+    _pack_weights(w3, wpk, transpose, mr)
+    return wpk
+
+
+def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
+    dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op)
+    x5, w3, geo, out = _prepare(nd, x, weight, groups, kernel, geo_args)
+    n, c_out = x.shape[0], weight.shape[0]
+    y = np.empty((n, c_out) + out, dtype=dtype)
+    if y.size == 0:
+        return y
+    n_threads = numba.get_num_threads()
+    plan = _Plan(x5.shape, w3.shape, geo, dtype, n_threads, backward=False, min_bands=-(-n_threads // n))
+    has_bias = bias is not None
+    b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, dtype)
+    ws = _workspace("forward", dtype, n_threads, plan.per_thread)
+    with vector_codegen():
+        wpk = _packed_weights(w3, False, plan.mr)
+        _forward_kernel(x5, wpk, b, has_bias, y.reshape((n, c_out, -1)), ws, plan.boffs, plan.goffs, geo,
+                        plan.grid, plan.ogrid, plan.mode, plan.rt, plan.n_bands, w3.shape[1], w3.shape[2],
+                        plan.gstride, plan.grid_len, plan.col_len, plan.ld, n_threads)
+    return y
+
+
+def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True):
+    dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, None, stride, padding, dilation, groups, op)
+    check_array(grad_y, "grad_y", nd + 2)
+    check_same_dtype(grad_y=grad_y, x=x, weight=weight)
+    want = (x.shape[0], weight.shape[0]) + tuple(geo_args[4])
+    if grad_y.shape != want:
+        raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {want}")
+    x5, w3, geo, out = _prepare(nd, x, weight, groups, kernel, geo_args)
+    n = x.shape[0]
+    n_groups, mg, k = w3.shape
+    n_threads = numba.get_num_threads()
+    # grad_x is skipped (and None) for a layer fed by data: the first layer of a model
+    dx = np.zeros(x.shape if input_grad else (0,) * x.ndim, dtype=dtype)
+    mr = _mr(dtype)
+    lanes = 64 // dtype.itemsize
+    n_rt, n_st = -(-mg // DOT_R), -(-k // DOT_S)
+    dot = n_rt * n_st * DOT_R * DOT_S * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
+    dwt = np.zeros((n_threads, n_groups) + ((0, 0) if dot else (_round_up_py(k, mr), _round_up_py(mg, NR))), dtype)
+    dwp = np.zeros((n_threads, n_groups) + ((n_rt, n_st, DOT_R * DOT_S * lanes) if dot else (0, 0, 0)), dtype)
+    db = np.zeros((n_threads, n_groups * mg), dtype)
+    if n and grad_y.size:
+        plan = _Plan(x5.shape, w3.shape, geo, dtype, n_threads, backward=True)
+        gy = np.ascontiguousarray(grad_y).reshape((n, n_groups * mg, -1))
+        ws = _workspace("backward", dtype, n_threads, plan.per_thread)
+        with vector_codegen():
+            wtpk = _packed_weights(w3, True, mr)
+            _backward_kernel(gy, x5, wtpk, dx.reshape(x5.shape if input_grad else (0,) * 5), dwt, dwp, db, ws,
+                             plan.boffs, plan.arows, plan.dyoffs, plan.goffs, geo, plan.grid, plan.ogrid,
+                             plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len,
+                             plan.col_len, plan.ld, input_grad, n_threads)
+    if dot:
+        tiles = dwp.reshape(n_threads, n_groups, n_rt, n_st, DOT_R, DOT_S, lanes).sum(axis=(0, 6))
+        grad_w = tiles.transpose(0, 1, 3, 2, 4).reshape(n_groups, n_rt * DOT_R, n_st * DOT_S)[:, :mg, :k]
+    else:
+        grad_w = dwt.sum(axis=0)[:, :k, :mg].transpose(0, 2, 1)
+    grad_w = grad_w.reshape(weight.shape)
+    grad_b = db.sum(axis=0) if bias_grad else None
+    return (dx if input_grad else None), np.ascontiguousarray(grad_w), grad_b
+
+
 # ---------------------------------------------------------------------------
-# Validation and the N-d implementation
+# Validation
 
 
 def _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op):
@@ -351,161 +634,6 @@ def _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op):
         raise ValueError(f"{op}: bias must have shape ({c_out},), got {bias.shape}")
     geo_args = spatial_params(nd, kernel, stride, padding, dilation, x.shape[2:], allow_same=True)
     return dtype, groups, kernel, geo_args
-
-
-def _prepare(nd, x, weight, stride, padding, dilation, groups, kernel, geo_args):
-    stride, pad_lo, _, dilation, out = geo_args
-    n, c_in = x.shape[:2]
-    c_out = weight.shape[0]
-    x5 = np.ascontiguousarray(x).reshape((n, c_in) + lift3(x.shape[2:], 1))
-    w3 = np.ascontiguousarray(weight).reshape((groups, c_out // groups, -1))
-    geo = make_geo(lift3(kernel, 1), lift3(stride, 1), lift3(pad_lo, 0), lift3(dilation, 1), lift3(out, 1))
-    return x5, w3, geo, out
-
-
-def _implicit_geometry(geo, x_hw, c_in, itemsize):
-    """(ph, pw, Hp, Wp) of the stride-1 wide-grid path for ``geo``, or None where it does not apply.
-
-    It applies to 1-D/2-D stride-1 convolutions whose wide grid wastes little
-    more of the NR-wide tiles than the plain columns do, and whose padded
-    per-thread copies fit the workspace cap.
-    """
-    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
-    if kd != 1 or od != 1 or pd != 0 or sd != 1 or sh != 1 or sw != 1:
-        return None
-    hp, wpad = oh + (kh - 1) * dh, ow + (kw - 1) * dw
-    if ph < 0 or pw < 0 or hp - x_hw[0] - ph < 0 or wpad - x_hw[1] - pw < 0:
-        return None
-    nw = (oh - 1) * wpad + ow  # wide columns up to the last real output
-    if _round_up_py(oh * ow, NR) < _IMPLICIT_MIN_EFFICIENCY * _round_up_py(nw, NR):
-        return None
-    if (c_in * hp * wpad + NR) * itemsize * numba.get_num_threads() > _MAX_WORKSPACE_BYTES:
-        return None
-    return ph, pw, hp, wpad
-
-
-def _implicit_conv(x4, w3, bias, has_bias, kernel_hw, dil_hw, igeo, ow, y):
-    """Stride-1 convolution of x4 (N, C, H, W) by w3 (G, Mg, C/G * kH * kW) on the wide grid into flat y."""
-    n, c = x4.shape[:2]
-    n_groups, mg, kg = w3.shape
-    ph, pw, hp, wpad = igeo
-    (kh, kw), (dh, dw) = kernel_hw, dil_hw
-    cg = c // n_groups
-    boffs = (np.arange(cg)[:, None, None] * (hp * wpad) + np.arange(kh)[None, :, None] * (dh * wpad)
-             + np.arange(kw)[None, None, :] * dw).reshape(-1).astype(np.int64)
-    n_threads = numba.get_num_threads()
-    mr = mr_for(x4.dtype)
-    pad = _workspace(x4.dtype, n_threads, c * hp * wpad + NR, "pad")
-    wp = np.empty((n_groups, _round_up_py(mg, mr) * kg), x4.dtype)
-    with slp_vectorize():
-        _pack_weights(w3, wp, False, mr)
-        _implicit_kernel(x4, wp, mg, kg, mr, bias, has_bias, y, pad, boffs, ph, pw, hp, wpad, ow, n_threads)
-
-
-def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
-    dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op)
-    x5, w3, geo, out = _prepare(nd, x, weight, stride, padding, dilation, groups, kernel, geo_args)
-    n, c_out = x.shape[0], weight.shape[0]
-    y = np.empty((n, c_out) + out, dtype=dtype)
-    if y.size == 0:
-        return y
-    n_groups, mg, kg = w3.shape
-    rows, ow = geo[12] * geo[13], geo[14]
-    n_threads = numba.get_num_threads()
-    mr = mr_for(dtype)
-    rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads,
-                                      min_tiles=-(-n_threads // n))
-    has_bias = bias is not None
-    b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, dtype)
-    igeo = _implicit_geometry(geo, x5.shape[3:], x5.shape[1], dtype.itemsize) if _IMPLICIT else None
-    if igeo is not None:
-        _implicit_conv(x5.reshape(x5.shape[:2] + x5.shape[3:]), w3, b, has_bias, geo[1:3], geo[10:12], igeo, ow, y.reshape(-1))
-        return y
-    ws = _workspace(dtype, n_threads, per_thread)
-    wp = np.empty((n_groups, _round_up_py(mg, mr) * kg), dtype)
-    with slp_vectorize():
-        _pack_weights(w3, wp, False, mr)
-        _forward_kernel(x5, wp, mg, kg, mr, b, has_bias, y.reshape(-1), ws, geo, rt, n_tiles, n_threads)
-    return y
-
-
-def _transposed_geometry(geo, cg, x_hw, c_out, itemsize):
-    """Wide-grid geometry of grad_x as a stride-1 convolution of grad_y, or None.
-
-    grad_y is padded by the kernel's reach minus the forward padding on each
-    side (a forward padding beyond the reach would need cropping instead).
-    """
-    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
-    if cg < _IMPLICIT_DX_MIN_ROWS or kd != 1 or od != 1 or pd != 0 or sd != 1 or sh != 1 or sw != 1:
-        return None
-    if oh - x_hw[0] < 0 or ow - x_hw[1] < 0:
-        return None  # grad_y's padding would be wider than the forward's: more multiply-adds
-    tgeo = (1, kh, kw, 1, 1, 1, 0, (kh - 1) * dh - ph, (kw - 1) * dw - pw, 1, dh, dw, 1) + tuple(x_hw)
-    return _implicit_geometry(tgeo, (oh, ow), c_out, itemsize)
-
-
-def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True):
-    dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, None, stride, padding, dilation, groups, op)
-    check_array(grad_y, "grad_y", nd + 2)
-    check_same_dtype(grad_y=grad_y, x=x, weight=weight)
-    out = geo_args[4]
-    want = (x.shape[0], weight.shape[0]) + tuple(out)
-    if grad_y.shape != want:
-        raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {want}")
-    x5, w3, geo, out = _prepare(nd, x, weight, stride, padding, dilation, groups, kernel, geo_args)
-    n = x.shape[0]
-    n_groups, mg, kg = w3.shape
-    n_threads = numba.get_num_threads()
-    # grad_x is skipped (and None) for a layer fed by data: the first layer of a model
-    dx = np.empty(x.shape if input_grad else (0,) * x.ndim, dtype=dtype)
-    dw_part = np.zeros((n_threads, n_groups, mg, kg), dtype=dtype)
-    db_part = np.zeros((n_threads, n_groups * mg), dtype=dtype)
-    if n and grad_y.size:
-        rows, ow = geo[12] * geo[13], geo[14]
-        mr = mr_for(dtype)
-        igeo = _implicit_geometry(geo, x5.shape[3:], x5.shape[1], dtype.itemsize) if _IMPLICIT else None
-        tgeo = (_transposed_geometry(geo, x5.shape[1] // n_groups, x5.shape[3:], n_groups * mg, dtype.itemsize)
-                if _IMPLICIT and input_grad else None)
-        gy = np.ascontiguousarray(grad_y).reshape((n, n_groups, mg, -1))
-        wtp = np.empty((n_groups, _round_up_py(kg, mr) * mg), dtype)
-        dwf = dw_part.reshape((n_threads, -1))
-        if igeo is not None:
-            ph, pw, hp, wpad = igeo
-            nwr = _round_up_py((geo[13] - 1) * wpad + geo[14], NR)
-            per_thread = _wide_ws_floats(x5.shape[1] * hp * wpad, n_groups * mg, kg, mg, mr, nwr)
-            if per_thread * dtype.itemsize * n_threads > _MAX_WORKSPACE_BYTES:
-                igeo = None
-        dx5_shape = x5.shape if input_grad else (0,) * 5
-        with slp_vectorize():
-            _pack_weights(w3, wtp, True, mr)
-            if igeo is not None:
-                ws = _workspace(dtype, n_threads, per_thread, "wide")
-                cg = x5.shape[1] // n_groups
-                boffs = (np.arange(cg)[:, None, None] * (hp * wpad)
-                         + np.arange(geo[1])[None, :, None] * (geo[10] * wpad)
-                         + np.arange(geo[2])[None, None, :] * geo[11]).reshape(-1).astype(np.int64)
-                x4 = x5.reshape(x5.shape[:2] + x5.shape[3:])
-                _wide_backward_kernel(gy.reshape((n, n_groups, mg, geo[13], geo[14])), x4, wtp, mg, kg,
-                                      mr, dx.reshape(x4.shape if input_grad else (0,) * 4), dwf, db_part, ws, boffs, ph, pw, hp,
-                                      wpad, nwr, n_threads, input_grad and tgeo is None)
-            else:
-                rt, n_tiles, per_thread = _tiling(n_groups * kg, kg, mg, mr, rows, ow, dtype.itemsize, n_threads)
-                ws = _workspace(dtype, n_threads, per_thread)
-                _backward_kernel(gy, x5, wtp, mg, kg, mr, dx.reshape(dx5_shape), dwf, db_part, ws, geo, rt,
-                                 n_tiles, n_threads, input_grad and tgeo is None)
-        if tgeo is not None:
-            # stride 1: grad_x is grad_y convolved with the flipped, channel-transposed weights
-            kh, kw = geo[1], geo[2]
-            cg = x5.shape[1] // n_groups
-            wt = np.ascontiguousarray(w3.reshape(n_groups, mg, cg, kh, kw)[:, :, :, ::-1, ::-1]
-                                      .transpose(0, 2, 1, 3, 4)).reshape(n_groups, cg, mg * kh * kw)
-            _implicit_conv(gy.reshape((n, n_groups * mg, geo[13], geo[14])), wt, np.zeros(1, dtype), False,
-                           (kh, kw), geo[10:12], tgeo, x5.shape[4], dx.reshape(-1))
-    else:
-        dx.fill(0)
-    grad_w = dw_part.sum(axis=0).reshape(weight.shape)
-    grad_b = db_part.sum(axis=0) if bias_grad else None
-    return (dx if input_grad else None), grad_w, grad_b
 
 
 # ---------------------------------------------------------------------------
@@ -589,12 +717,10 @@ for _f in (conv1d, conv2d, conv3d, conv1d_backward, conv2d_backward, conv3d_back
 
 
 def _warmup(dtype):
-    """Compile the conv kernels for ``dtype`` (the 2-D path serves 1-D and 3-D too): the stride-1
-    wide-grid forward and backward (grad_x both by columns and as a transposed convolution),
-    and the im2col path of other strides."""
-    x = np.ones((1, 8, 6, 6), dtype)
-    for w, stride in ((np.ones((2, 4, 3, 3), dtype), 1), (np.ones((2, 8, 3, 3), dtype), 1),
-                      (np.ones((2, 4, 3, 3), dtype), 2)):
-        groups = x.shape[1] // w.shape[1]
-        y = conv2d(x, w, np.ones(w.shape[0], dtype), stride=stride, padding=1, groups=groups)
-        conv2d_backward(np.ones_like(y), x, w, stride=stride, padding=1, groups=groups)
+    """Compile the conv kernels for ``dtype`` (the 3-D kernels serve 1-D and 2-D too): both
+    sources, the wide grid (stride 1) and explicit columns (stride 2), forward and backward."""
+    x = np.ones((1, 4, 6, 6), dtype)
+    w = np.ones((2, 2, 3, 3), dtype)
+    for stride in (1, 2):
+        y = conv2d(x, w, np.ones(2, dtype), stride=stride, padding=1, groups=2)
+        conv2d_backward(np.ones_like(y), x, w, stride=stride, padding=1, groups=2)

@@ -80,25 +80,32 @@ def _tile_rows_impl(x):
     return lambda x: mr
 
 
-@intrinsic
-def _register_tile(typingctx, like):
-    """An uninitialised MR*NR stack array of ``like``'s dtype.
+def _stack_array(size_for):
+    """An intrinsic ``f(like)``: an uninitialised stack array of ``size_for(like.dtype)`` elements.
 
     Indexed only with constants after unrolling, LLVM promotes it to registers.
     """
-    n = (MR_F32 if like.dtype == types.float32 else MR_F64) * NR
-    arrty = types.Array(like.dtype, 1, "C")
+    @intrinsic
+    def stack_array(typingctx, like):
+        n = size_for(like.dtype)
+        arrty = types.Array(like.dtype, 1, "C")
 
-    def codegen(context, builder, sig, args):
-        llty = context.get_data_type(like.dtype)
-        ptr = cgutils.alloca_once(builder, llty, size=n)
-        ary = make_array(arrty)(context, builder)
-        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(llty))
-        populate_array(ary, data=ptr, shape=[context.get_constant(types.intp, n)],
-                       strides=[itemsize], itemsize=itemsize, meminfo=None)
-        return ary._getvalue()
+        def codegen(context, builder, sig, args):
+            llty = context.get_data_type(like.dtype)
+            ptr = cgutils.alloca_once(builder, llty, size=n)
+            ary = make_array(arrty)(context, builder)
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(llty))
+            populate_array(ary, data=ptr, shape=[context.get_constant(types.intp, n)],
+                           strides=[itemsize], itemsize=itemsize, meminfo=None)
+            return ary._getvalue()
 
-    return arrty(like), codegen
+        return arrty(like), codegen
+
+    return stack_array
+
+
+# The MR x NR accumulators of the micro-kernel.
+_register_tile = _stack_array(lambda dt: (MR_F32 if dt == types.float32 else MR_F64) * NR)
 
 
 @intrinsic
@@ -179,15 +186,20 @@ def _flat_np(x):
 # Micro-kernel and write-back.
 
 @njit(fastmath=_FAST, cache=True)
-def _micro_kernel(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, alpha, beta, to_c):
-    """One full MR x NR tile: acc[i, j] = sum_p A[aoff + i*ars + p*acs] * bp[p*NR + j].
+def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, crs, alpha, beta, to_c):
+    """One full MR x NR tile: ``acc[i, j] = sum_p A[aoff + row_a(i) + p*acs] * B[boff + row_b(p) + j]``.
+
+    Row offsets are strided or come from a table: ``row_a(i)`` is ``i*ars``
+    (``arows`` None) or ``arows[i]``; ``row_b(p)`` is ``p*NR`` (``boffs`` None:
+    a packed micro-panel) or ``boffs[p]``. The None branches are compiled
+    away, so a packed GEMM pays nothing for the tables a convolution uses to
+    read the rows of an image in place.
 
     With ``to_c`` the tile lands directly in a row-contiguous C block (rows
     ``coff + i*crs``) as ``alpha*acc + beta*C``; otherwise it is copied to
-    ``tile`` for a masked write-back. ``bp`` starts at a packed B micro-panel,
-    so its indices are provably non-negative and consecutive (no wraparound
-    select), which lets the SLP vectorizer fuse each row update into packed
-    FMAs; A's element offset is cast to unsigned for the same reason.
+    ``tile`` for a masked write-back. Offsets are cast to unsigned so LLVM sees
+    non-negative, consecutive indices (no wraparound select), which lets the
+    SLP vectorizer fuse each row update into packed FMAs.
     """
     mr = _tile_rows(A)
     acc = _register_tile(A)
@@ -197,11 +209,27 @@ def _micro_kernel(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, alpha, beta, to
                 _prefetch_write(C, coff + i * crs + h)
     for x in range(mr * NR):
         acc[x] = 0
-    for p in range(kc):
-        for i in range(mr):
-            ai = A[np.uintp(aoff + p * acs + i * ars)]
-            for j in range(NR):
-                acc[i * NR + j] += ai * bp[p * NR + j]
+    if boffs is not None:  # B rows through the table, A strided
+        for p in range(kc):
+            b = B[np.uintp(boff + boffs[p]):]
+            for i in range(mr):
+                ai = A[np.uintp(aoff + p * acs + i * ars)]
+                for j in range(NR):
+                    acc[i * NR + j] += ai * b[j]
+    elif arows is None:  # both packed or strided: the GEMM case
+        bp = B[np.uintp(boff):]
+        for p in range(kc):
+            for i in range(mr):
+                ai = A[np.uintp(aoff + p * acs + i * ars)]
+                for j in range(NR):
+                    acc[i * NR + j] += ai * bp[p * NR + j]
+    else:  # A rows through the table, B packed
+        bp = B[np.uintp(boff):]
+        for p in range(kc):
+            for i in range(mr):
+                ai = A[np.uintp(aoff + arows[i] + p * acs)]
+                for j in range(NR):
+                    acc[i * NR + j] += ai * bp[p * NR + j]
     if not to_c:
         for x in range(mr * NR):
             tile[x] = acc[x]
@@ -231,6 +259,72 @@ def _store_tile(tile, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
 
 
 # --------------------------------------------------------------------------- #
+# Inner-product tile: C += A @ B.T with both operands' rows contiguous along
+# the reduction, so neither is packed or transposed. It serves products whose
+# output is too narrow for an NR-wide tile (a convolution's weight gradient
+# with few output channels). DOT_R x DOT_S accumulators of one vector each
+# (16 zmm), DOT_R + DOT_S loads per DOT_R * DOT_S FMAs; the lanes are summed
+# once, after the last call, not per tile.
+DOT_R, DOT_S = 4, 4
+
+
+def _lanes(x):
+    """Vector lanes (one 64-byte register) for the dtype of array ``x`` (a compile-time constant)."""
+
+
+@overload(_lanes, inline="always")
+def _lanes_impl(x):
+    vl = 64 // x.dtype.bitwidth * 8
+    return lambda x: vl
+
+
+_dot_registers = _stack_array(lambda dt: DOT_R * DOT_S * (64 * 8 // dt.bitwidth))
+
+
+@njit(fastmath=_FAST, cache=True)
+def dot_tile(nvec, A, aoffs, B, boffs, P, poff):
+    """``P[poff + (r*DOT_S + s)*VL + e] += sum_v A[aoffs[r] + v*VL + e] * B[boffs[s] + v*VL + e]``.
+
+    ``nvec`` vectors of VL lanes along the reduction; P keeps per-lane partial
+    sums (sum them over the last axis for C). The eight row views are named
+    once, outside the loop, so their bases stay in registers and every index
+    is provably non-negative.
+    """
+    vl = _lanes(A)
+    acc = _dot_registers(A)
+    tile = P[np.uintp(poff):]
+    for x in range(DOT_R * DOT_S * vl):
+        acc[x] = tile[x]
+    a0, a1 = A[np.uintp(aoffs[0]):], A[np.uintp(aoffs[1]):]
+    a2, a3 = A[np.uintp(aoffs[2]):], A[np.uintp(aoffs[3]):]
+    b0, b1 = B[np.uintp(boffs[0]):], B[np.uintp(boffs[1]):]
+    b2, b3 = B[np.uintp(boffs[2]):], B[np.uintp(boffs[3]):]
+    for v in range(nvec):
+        o = v * vl
+        for e in range(vl):
+            x0, x1, x2, x3 = a0[o + e], a1[o + e], a2[o + e], a3[o + e]
+            y0, y1, y2, y3 = b0[o + e], b1[o + e], b2[o + e], b3[o + e]
+            acc[0 * vl + e] += x0 * y0
+            acc[1 * vl + e] += x0 * y1
+            acc[2 * vl + e] += x0 * y2
+            acc[3 * vl + e] += x0 * y3
+            acc[4 * vl + e] += x1 * y0
+            acc[5 * vl + e] += x1 * y1
+            acc[6 * vl + e] += x1 * y2
+            acc[7 * vl + e] += x1 * y3
+            acc[8 * vl + e] += x2 * y0
+            acc[9 * vl + e] += x2 * y1
+            acc[10 * vl + e] += x2 * y2
+            acc[11 * vl + e] += x2 * y3
+            acc[12 * vl + e] += x3 * y0
+            acc[13 * vl + e] += x3 * y1
+            acc[14 * vl + e] += x3 * y2
+            acc[15 * vl + e] += x3 * y3
+    for x in range(DOT_R * DOT_S * vl):
+        tile[x] = acc[x]
+
+
+# --------------------------------------------------------------------------- #
 # Packing.
 
 @njit(inline="always")
@@ -243,7 +337,13 @@ def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
     for q in range(_cdiv(mc, mr)):
         rows = min(mr, mc - q * mr)
         panel = buf[q * mr * kc:]
-        if acs == 1:  # rows of A are contiguous: read mr row streams at once
+        if acs == 1 and rows == mr:  # rows of A are contiguous: read mr row streams at once
+            base = aoff + q * mr * ars
+            for p in range(kc):
+                dst = panel[np.uintp(p * mr):]
+                for i in range(mr):
+                    dst[i] = A[np.uintp(base + i * ars + p)]
+        elif acs == 1:
             for i in range(rows):
                 src = A[np.uintp(aoff + (q * mr + i) * ars):]
                 for p in range(kc):
@@ -309,10 +409,68 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
             rows = min(mr, mc - ir)
             cij = coff + ir * crs + jr * ccs
             to_c = ccs == 1 and rows == mr and nr == NR
-            _micro_kernel(kc, ap, ir * kc, 1, mr, bp[bpoff + jr * kc:], tile, C, cij, crs,
+            _micro_kernel(kc, ap, ir * kc, 1, mr, None, bp, bpoff + jr * kc, None, tile, C, cij, crs,
                           alpha, beta, to_c)
             if not to_c:
                 _store_tile(tile, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
+
+
+# --------------------------------------------------------------------------- #
+# Tile loops over operands read in place, for the convolutions. C is their
+# scratch buffer, padded to whole MR x NR tiles, so every tile is stored
+# straight from registers; rows and columns past m and n are don't-cares.
+
+@njit(fastmath=_FAST, inline="always")
+def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
+    """C = packed A (m x k) @ B, with B row p at ``B[bbase + boffs[p]:]``, any offsets.
+
+    ``ap`` holds A in MR-row micro-panels over the whole k (``_pack_a`` with
+    kc = k). B rows must be readable up to n rounded up to NR.
+    """
+    mr = _tile_rows(ap)
+    one = C.dtype.type(1)
+    kb = _cdiv(k, _cdiv(k, KC))  # equal K blocks: no short last pass over C
+    for pc in range(0, k, kb):
+        kc = min(kb, k - pc)
+        beta = C.dtype.type(0) if pc == 0 else one
+        bo = boffs[pc:pc + kc]
+        for jr in range(0, n, NR):
+            for ir in range(0, m, mr):
+                _micro_kernel(kc, ap, ir * k + pc * mr, 1, mr, None, B, bbase + jr, bo, tile,
+                              C, ir * crs + jr, crs, one, beta, True)
+
+
+@njit(fastmath=_FAST, inline="always")
+def tiles_b_panels(m, n, k, ap, bp, bbase, pstride, C, crs, tile):
+    """C = packed A (m x k) @ packed B: B panel q (k x NR, k-major) at ``bp[bbase + q*pstride:]``."""
+    mr = _tile_rows(ap)
+    one = C.dtype.type(1)
+    kb = _cdiv(k, _cdiv(k, KC))
+    for pc in range(0, k, kb):
+        kc = min(kb, k - pc)
+        beta = C.dtype.type(0) if pc == 0 else one
+        for jr in range(0, n, NR):
+            for ir in range(0, m, mr):
+                _micro_kernel(kc, ap, ir * k + pc * mr, 1, mr, None, bp, bbase + (jr // NR) * pstride + pc * NR,
+                              None, tile, C, ir * crs + jr, crs, one, beta, True)
+
+
+@njit(fastmath=_FAST, inline="always")
+def tiles_a_rows(m, n, k, A, abase, arows, bp, C, crs, tile):
+    """C += A @ packed B, with A row i at ``A[abase + arows[i]:]``, any offsets.
+
+    ``bp`` holds B (k x n) in NR-column micro-panels over the whole k (panel
+    q at q*k*NR, zero padded); ``arows`` has m rounded up to MR entries.
+    """
+    mr = _tile_rows(A)
+    one = C.dtype.type(1)
+    kb = _cdiv(k, _cdiv(k, KC))
+    for pc in range(0, k, kb):
+        kc = min(kb, k - pc)
+        for jr in range(0, n, NR):
+            for ir in range(0, m, mr):
+                _micro_kernel(kc, A, abase + pc, 0, 1, arows[ir:ir + mr], bp, jr * k + pc * NR, None,
+                              tile, C, ir * crs + jr, crs, one, one, True)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -331,7 +489,7 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
             i_end = min(ir + mr, i_hi)
             cij = coff + i0 * crs + jr * ccs
             to_c = ccs == 1 and i0 == ir and i_end == ir + mr and nr == NR
-            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, bp[jr * k:], tile, C, cij, crs,
+            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, bp, jr * k, None, tile, C, cij, crs,
                           alpha, beta, to_c)
             if not to_c:
                 _store_tile(tile, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
@@ -451,7 +609,7 @@ def gemm_serial(a, b, c, alpha, beta):
 
 
 for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
-           _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel):
+           _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile):
     vectorized(_d)
 
 

@@ -170,9 +170,9 @@ def test_backward_without_bias_grad_returns_none():
     assert db is None and dx.shape == x.shape and dw.shape == w.shape
 
 
-def test_row_tiles_and_single_sample_split_agree_with_reference(monkeypatch):
-    # Tiny tiles force the banded path (output rows split over tiles and threads).
-    monkeypatch.setattr(conv_mod, "_TILE_BYTES", 256)
+def test_bands_and_single_sample_split_agree_with_reference(monkeypatch):
+    # A tiny per-thread budget forces bands of one output row (split over threads for one sample).
+    monkeypatch.setattr(conv_mod, "_THREAD_BYTES", 256)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 4, 9, 11))
     w = rng.standard_normal((6, 2, 3, 3))
@@ -182,7 +182,7 @@ def test_row_tiles_and_single_sample_split_agree_with_reference(monkeypatch):
     np.testing.assert_allclose(y, naive_conv(x, w, b, **args), rtol=1e-10, atol=1e-10)
     gy = rng.standard_normal(y.shape)
     dx, dw, db = fastkern.conv2d_backward(gy, x, w, **args)
-    monkeypatch.setattr(conv_mod, "_TILE_BYTES", 1 << 20)
+    monkeypatch.setattr(conv_mod, "_THREAD_BYTES", 1 << 20)
     dx2, dw2, db2 = fastkern.conv2d_backward(gy, x, w, **args)
     np.testing.assert_allclose(dx, dx2, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dw, dw2, rtol=1e-12, atol=1e-12)
@@ -206,103 +206,99 @@ def test_non_contiguous_inputs_and_deterministic_results():
 def test_workspace_is_reused_and_bounded(stride):
     x = np.ones((4, 3, 10, 10), np.float32)
     w = np.ones((5, 3, 3, 3), np.float32)
-    fastkern.conv2d(x, w, stride=stride)
+
+    def step():
+        y = fastkern.conv2d(x, w, stride=stride)
+        fastkern.conv2d_backward(np.ones_like(y), x, w, stride=stride)
+
+    step()
     before = dict(conv_mod._workspaces)
-    fastkern.conv2d(x, w, stride=stride)
-    fastkern.conv2d_backward(np.ones((4, 5, 8, 8), np.float32), x, w)
-    fastkern.conv2d(x, w, stride=stride)
+    step()
+    step()
     assert before and all(conv_mod._workspaces[k] is v for k, v in before.items())
     assert 0 < conv_mod.workspace_bytes() <= conv_mod._MAX_WORKSPACE_BYTES
     assert conv_mod.peak_workspace_bytes() >= conv_mod.workspace_bytes()
 
 
-WIDE_GRID_CASES = [
-    # (x shape, weight shape, padding, dilation, groups): LeNet-like, 'same' with an even
-    # kernel (asymmetric padding), dilation, groups, 1-D, a ragged last tile
-    ((3, 1, 12, 12), (6, 1, 5, 5), 2, 1, 1),
-    ((2, 6, 7, 9), (5, 6, 4, 4), "same", 1, 1),
-    ((2, 4, 9, 8), (6, 2, 3, 2), (1, 0), (2, 3), 2),
-    ((3, 5, 30), (9, 5, 3), 1, 1, 1),
-    ((2, 3, 6, 33), (17, 3, 3, 3), 1, 1, 1),
+SOURCE_CASES = [
+    # (x shape, weight shape, stride, padding, dilation, groups): LeNet-like, 'same' with an even
+    # kernel (asymmetric padding), dilation and groups, 1-D, a ragged last tile, depthwise, 3-D,
+    # strided windows that leave input unread
+    ((3, 1, 12, 12), (6, 1, 5, 5), 1, 2, 1, 1),
+    ((2, 6, 7, 9), (5, 6, 4, 4), 1, "same", 1, 1),
+    ((2, 4, 9, 8), (6, 2, 3, 2), 1, (1, 0), (2, 3), 2),
+    ((3, 5, 30), (9, 5, 3), 1, 1, 1, 1),
+    ((2, 3, 6, 33), (17, 3, 3, 3), 1, 1, 1, 1),
+    ((2, 4, 6, 6), (4, 1, 3, 3), 1, 1, 1, 4),
+    ((2, 2, 4, 5, 4), (4, 1, 2, 3, 2), 1, 1, (1, 1, 2), 2),
+    ((2, 3, 10, 9), (5, 3, 3, 3), (2, 3), 0, 1, 1),
 ]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", WIDE_GRID_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_stride_one_wide_grid_path_matches_reference_and_column_path(case, dtype, monkeypatch):
-    x_shape, w_shape, padding, dilation, groups = case
+@pytest.mark.parametrize("source", ["wide", "columns", "direct"])
+@pytest.mark.parametrize("case", SOURCE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}")
+def test_every_column_source_and_weight_tile_matches_reference(case, source, dtype, monkeypatch):
+    # Each way of reading the columns (wide grid, columns gathered from the padded grid or
+    # straight from the input), banded or whole, and both weight-gradient tiles
+    # (inner-product and NR-wide), against the naive reference and the adjoint identity.
+    x_shape, w_shape, stride, padding, dilation, groups = case
     rng = np.random.default_rng(9)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
-    args = dict(stride=1, padding=padding, dilation=dilation, groups=groups)
-    fwd = FWD[x.ndim - 2]
-    monkeypatch.setattr(conv_mod, "_IMPLICIT_MIN_EFFICIENCY", 0.0)  # always take it when it applies
-    calls = []
-    monkeypatch.setattr(conv_mod, "_implicit_kernel", _spy(conv_mod._implicit_kernel, calls))
-    y = fwd(x, w, b, **args)
-    assert calls, "the wide-grid path was not taken"
-    np.testing.assert_allclose(y, naive_conv(x, w, b, **args), **tol(dtype))
-    # backward: grad weight and (with fewer than 8 input channels per group) grad input columns
-    # on the wide grid, against the adjoint identity and the column path
-    bwd = BWD[x.ndim - 2]
-    gy = rng.standard_normal(y.shape).astype(dtype)
-    wide = []
-    monkeypatch.setattr(conv_mod, "_wide_backward_kernel", _spy(conv_mod._wide_backward_kernel, wide))
-    grads = bwd(gy, x, w, **args)
-    assert wide, "the wide-grid backward was not taken"
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    nd = x.ndim - 2
+    monkeypatch.setattr(conv_mod, "_FORCE", source)
+    ref = naive_conv(x, w, b, **args)
+    gy = rng.standard_normal(ref.shape).astype(dtype)
     u, v = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
+    lhs_x = np.sum(gy * naive_conv(u, w, None, **args))
+    lhs_w = np.sum(gy * naive_conv(x, v, None, **args))
     t = 1e-3 if dtype == np.float32 else 1e-9
-    lhs = np.sum(gy * naive_conv(u, w, None, **args))
-    assert abs(np.sum(grads[0] * u) - lhs) <= t * (1 + abs(lhs))
-    lhs = np.sum(gy * naive_conv(x, v, None, **args))
-    assert abs(np.sum(grads[1] * v) - lhs) <= t * (1 + abs(lhs))
-    monkeypatch.setattr(conv_mod, "_IMPLICIT", False)
-    np.testing.assert_allclose(y, fwd(x, w, b, **args), **tol(dtype))
-    for a, ref in zip(grads, bwd(gy, x, w, **args)):
-        np.testing.assert_allclose(a, ref, **tol(dtype))
+    results = []
+    for thread_bytes, dot_bytes in ((1 << 20, 1 << 30), (256, 0)):
+        monkeypatch.setattr(conv_mod, "_THREAD_BYTES", thread_bytes)
+        monkeypatch.setattr(conv_mod, "_DOT_PARTIAL_BYTES", dot_bytes)
+        np.testing.assert_allclose(FWD[nd](x, w, b, **args), ref, **tol(dtype))
+        dx, dw, db = BWD[nd](gy, x, w, **args)
+        assert abs(np.sum(dx * u) - lhs_x) <= t * (1 + abs(lhs_x))
+        assert abs(np.sum(dw * v) - lhs_w) <= t * (1 + abs(lhs_w))
+        np.testing.assert_allclose(db, gy.reshape(gy.shape[0], gy.shape[1], -1).sum(axis=(0, 2)), **tol(dtype))
+        results.append((dx, dw))
+    for a, c in zip(*results):
+        np.testing.assert_allclose(a, c, **tol(dtype))
 
 
-TRANSPOSED_CASES = [
-    # (x shape, weight shape, padding, dilation, groups): full, 'same' with an even kernel,
-    # dilation, groups, 1-D
-    ((2, 8, 9, 7), (5, 8, 3, 3), 1, 1, 1),
-    ((2, 8, 6, 7), (4, 8, 4, 2), "same", 1, 1),
-    ((2, 16, 9, 8), (6, 8, 3, 2), (2, 2), (2, 3), 2),
-    ((3, 8, 20), (9, 8, 3), 1, 1, 1),
-]
+def test_backward_ignores_non_finite_values_left_in_the_workspace():
+    # A NaN input leaves NaNs in the cached scratch; the next call must not pick them up
+    # from the padding columns its tiles read past a band.
+    x = np.ones((2, 3, 9, 9), np.float32)
+    w = np.ones((4, 3, 3, 3), np.float32)
+    for source in ("columns", "direct"):
+        conv_mod._FORCE = source
+        try:
+            bad = x.copy()
+            bad[0, 0, 0, 0] = np.nan
+            gy = np.ones((2, 4, 4, 4), np.float32)
+            fastkern.conv2d_backward(gy, bad, w, stride=2)
+            dx, dw, db = fastkern.conv2d_backward(gy, x, w, stride=2)
+        finally:
+            conv_mod._FORCE = None
+        assert np.isfinite(dx).all() and np.isfinite(dw).all()
+        np.testing.assert_allclose(dw, naive_conv_grad_w(gy, x, w, 2), rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_stride_one_grad_input_as_transposed_convolution(case, dtype, monkeypatch):
-    # grad_x = grad_y convolved with the flipped, channel-transposed kernel, on the wide grid
-    x_shape, w_shape, padding, dilation, groups = case
-    rng = np.random.default_rng(10)
-    x = rng.standard_normal(x_shape).astype(dtype)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    args = dict(stride=1, padding=padding, dilation=dilation, groups=groups)
-    bwd = BWD[x.ndim - 2]
-    gy = rng.standard_normal(naive_conv(x, w, None, **args).shape).astype(dtype)
-    monkeypatch.setattr(conv_mod, "_IMPLICIT_MIN_EFFICIENCY", 0.0)
-    calls = []
-    monkeypatch.setattr(conv_mod, "_implicit_kernel", _spy(conv_mod._implicit_kernel, calls))
-    dx, dw, db = bwd(gy, x, w, **args)
-    assert calls, "grad_x did not take the wide-grid path"
-    u = rng.standard_normal(x.shape)
-    lhs = np.sum(gy * naive_conv(u, w, None, **args))
-    assert abs(np.sum(dx * u) - lhs) <= (1e-3 if dtype == np.float32 else 1e-9) * (1 + abs(lhs))
-    monkeypatch.setattr(conv_mod, "_IMPLICIT", False)
-    dx2, dw2, db2 = bwd(gy, x, w, **args)
-    for a, b in ((dx, dx2), (dw, dw2), (db, db2)):
-        np.testing.assert_allclose(a, b, **tol(dtype))
-
-
-def _spy(fn, calls):
-    def wrapped(*a):
-        calls.append(1)
-        return fn(*a)
-    return wrapped
+def naive_conv_grad_w(gy, x, w, stride):
+    # dW[o, c, i, j] = sum over n, oh, ow of gy[n, o, oh, ow] * x[n, c, oh*s + i, ow*s + j]
+    kh, kw = w.shape[2:]
+    oh, ow = gy.shape[2:]
+    out = np.zeros(w.shape)
+    for i in range(kh):
+        for j in range(kw):
+            win = x[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            out[:, :, i, j] = np.einsum("nohw,nchw->oc", gy, win)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -449,7 +445,7 @@ def test_empty_batch_gives_empty_results():
 
 @pytest.mark.parametrize(
     "cin, stride, padding",
-    [(1, 1, 2), (8, 1, 1), (3, 2, 1)],  # wide grid, transposed-conv grad_x, im2col columns
+    [(1, 1, 2), (8, 1, 1), (3, 2, 1)],  # wide grid (narrow and wider layers), explicit columns
 )
 def test_backward_without_input_grad_matches_the_full_backward(cin, stride, padding):
     rng = np.random.default_rng(7)
