@@ -43,7 +43,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype
-from ._codegen import vector_codegen
+from ._codegen import vector_codegen, vectorized
 from .gemm import (DOT_R, DOT_S, NR, _cdiv, _lanes, _mr, _pack_a, _stack_array, _tile_rows, dot_tile, tiles_a_rows,
                    tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
@@ -120,7 +120,7 @@ def _band(r0, r1, geo, grid):
     return j0, _grid_col(r1 - 1, oh, grid[1], grid[2]) + ow - j0
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _band_rows(r0, r1, geo, grid, ogrid, win, ocol):
     """Per output row of the band [r0, r1): ``win``, the grid offset of its first window (tap 0,
     channel 0), and ``ocol``, its first column relative to the band's. Returns (j0, ncol) of
@@ -144,7 +144,7 @@ def _round_up(a, b):
     return (a + b - 1) // b * b
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _grid_copy(xn, xg, geo, grid, to_grid):
     """Sample ``xn`` (C, D, H, W) into the interior of the zero-bordered grid ``xg`` (flat
     C x Dp x Hp x Wp), or with ``to_grid`` False that interior back into ``xn`` (the adjoint of
@@ -168,7 +168,7 @@ def _grid_copy(xn, xg, geo, grid, to_grid):
                         sample[e] = inside[e]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _columns(xg, col, ld, goffs, n_rows_band, win, geo, fold):
     """Explicit columns ``col[k, rr*OW + ow]`` (rows ld apart) of a band of output rows whose
     windows start at ``win``, gathered from the grid ``xg``; with ``fold`` the adjoint,
@@ -193,7 +193,7 @@ def _columns(xg, col, ld, goffs, n_rows_band, win, geo, fold):
                 _run_copy(xg, s0, sw, col, d0, ow, vl)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _panel_columns(xg, col, goffs, n_rows_band, win, geo, pieces):
     """The columns of a band packed for the micro-kernel: column j of row k at
     ``col[(j // NR) * rows * NR + k * NR + j % NR]``, the last panel zero padded.
@@ -253,7 +253,7 @@ def _run_copy(xg, s0, sw, col, d0, n, vl):
 WIDE, GRID_COLUMNS, DIRECT_COLUMNS = 0, 1, 2
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _fill_source(xn, xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol):
     """Make the column rows of output rows [r0, r1) readable; return (j0, jb, ncol).
 
@@ -446,6 +446,11 @@ def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, go
             if do_dx and mode != DIRECT_COLUMNS:
                 _grid_copy(dx[n], dxg, geo, grid, False)
                 dxg[:] = zero
+
+
+for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights,
+                _forward_kernel, _backward_kernel):
+    vectorized(_kernel)
 
 
 # ---------------------------------------------------------------------------

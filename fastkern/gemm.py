@@ -327,7 +327,7 @@ def dot_tile(nvec, A, aoffs, B, boffs, P, poff):
 # --------------------------------------------------------------------------- #
 # Packing.
 
-@njit(inline="always")
+@njit(cache=True)
 def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
     """Rows [0, mc) x cols [0, kc) of A (from aoff) into MR-row micro-panels, zero padded.
 
@@ -363,7 +363,7 @@ def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
                 panel[p * mr + i] = 0
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
     """kc x nr block of B (from boff) into one k-major NR-wide micro-panel, zero padded."""
     panel = buf[dst:]
@@ -389,7 +389,7 @@ def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
                 panel[p * NR + j] = 0
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _pack_b(B, boff, brs, bcs, kc, nc, buf):
     for q in range(_cdiv(nc, NR)):
         _pack_b_panel(B, boff + q * NR * bcs, brs, bcs, kc, min(NR, nc - q * NR), buf, q * NR * kc)
@@ -420,7 +420,7 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
 # scratch buffer, padded to whole MR x NR tiles, so every tile is stored
 # straight from registers; rows and columns past m and n are don't-cares.
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, cache=True)
 def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
     """C = packed A (m x k) @ B, with B row p at ``B[bbase + boffs[p]:]``, any offsets.
 
@@ -440,7 +440,7 @@ def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
                               C, ir * crs + jr, crs, one, beta, True)
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, cache=True)
 def tiles_b_panels(m, n, k, ap, bp, bbase, pstride, C, crs, tile):
     """C = packed A (m x k) @ packed B: B panel q (k x NR, k-major) at ``bp[bbase + q*pstride:]``."""
     mr = _tile_rows(ap)
@@ -455,7 +455,7 @@ def tiles_b_panels(m, n, k, ap, bp, bbase, pstride, C, crs, tile):
                               None, tile, C, ir * crs + jr, crs, one, beta, True)
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, cache=True)
 def tiles_a_rows(m, n, k, A, abase, arows, bp, C, crs, tile):
     """C += A @ packed B, with A row i at ``A[abase + arows[i]:]``, any offsets.
 
@@ -609,7 +609,8 @@ def gemm_serial(a, b, c, alpha, beta):
 
 
 for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
-           _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile):
+           _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
+           _pack_a, _pack_b_panel, _pack_b, tiles_b_rows, tiles_b_panels, tiles_a_rows):
     vectorized(_d)
 
 
