@@ -6,6 +6,7 @@ kernels themselves never re-check.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -54,8 +55,8 @@ def check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
 
 def check_no_overlap(out: np.ndarray, **inputs) -> None:
     """Raise if ``out`` shares memory with any input (kernels read and write in parallel)."""
-    for k, v in inputs.items():
-        if v is not None and np.shares_memory(out, v):
+    for k, v in inputs.items():  # the bounds test first: the exact one can take long
+        if v is not None and np.may_share_memory(out, v) and np.shares_memory(out, v):
             raise ValueError(f"out overlaps input {k}; pass a separate output array")
 
 
@@ -86,7 +87,7 @@ def check_scalar(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    if not np.isfinite(value):
+    if not math.isfinite(value):  # math, not numpy: a ufunc call costs a microsecond per op
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 

@@ -259,6 +259,45 @@ def _store_tile(tile, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
 
 
 # --------------------------------------------------------------------------- #
+# Narrow tile: outputs with at most one vector of columns (a CNN's first
+# layers, N = 6 or 16 channels) waste most of an NR-wide tile. NARROW_MR rows
+# x one vector instead: 16 accumulators, NARROW_MR broadcasts and one load of
+# B per step, so the work per row falls by NR / lanes.
+NARROW_MR = 16
+
+_narrow_registers = _stack_array(lambda dt: NARROW_MR * (64 * 8 // dt.bitwidth))
+
+
+@njit(fastmath=_FAST, cache=True)
+def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, r_lo, r_hi, alpha, beta):
+    """Rows [r_lo, r_hi) x cols [0, n) of the NARROW_MR x lanes tile ``A[aoff + i*ars + p*acs] @ bp``.
+
+    ``bp`` is a packed NR-wide B micro-panel (only its first ``lanes`` columns
+    are read); n <= lanes. ``tile`` (>= NARROW_MR * lanes) takes the
+    accumulators for the masked write-back, which indexes at run time.
+    """
+    vl = _lanes(A)
+    acc = _narrow_registers(A)
+    for x in range(NARROW_MR * vl):
+        acc[x] = 0
+    for p in range(kc):
+        for i in range(NARROW_MR):
+            ai = A[np.uintp(aoff + p * acs + i * ars)]
+            for j in range(vl):
+                acc[i * vl + j] += ai * bp[p * NR + j]
+    for x in range(NARROW_MR * vl):
+        tile[x] = acc[x]
+    for i in range(r_lo, r_hi):
+        row = coff + i * crs
+        if beta == 0:  # C may hold garbage or NaN: never read it
+            for j in range(n):
+                C[row + j * ccs] = alpha * tile[i * vl + j]
+        else:
+            for j in range(n):
+                C[row + j * ccs] = alpha * tile[i * vl + j] + beta * C[row + j * ccs]
+
+
+# --------------------------------------------------------------------------- #
 # Inner-product tile: C += A @ B.T with both operands' rows contiguous along
 # the reduction, so neither is packed or transposed. It serves products whose
 # output is too narrow for an NR-wide tile (a convolution's weight gradient
@@ -482,6 +521,12 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
     """
     mr = _tile_rows(A)
     tile = _register_tile(A)
+    if n <= _lanes(A) and m >= NARROW_MR:  # one vector of columns: the narrow tile
+        for ir in range(i_lo, i_hi, NARROW_MR):
+            i0 = min(ir, m - NARROW_MR)
+            _micro_kernel_narrow(k, A, aoff + i0 * ars, ars, acs, bp, tile, C, coff + i0 * crs, crs, ccs,
+                                 n, ir - i0, min(ir + NARROW_MR, i_hi) - i0, alpha, beta)
+        return
     for jr in range(0, n, NR):
         nr = min(NR, n - jr)
         for ir in range(i_lo, i_hi, mr):
@@ -579,7 +624,7 @@ def _direct_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, be
     """All-threads direct GEMM (k <= KC): B packed once, rows of A used in place."""
     mr = _tile_rows(A)
     _pack_b(B, boff, brs, bcs, k, n, bbuf)
-    rows = _cdiv(_cdiv(m, nthreads * 4), mr) * mr  # a few blocks per thread for balance
+    rows = _cdiv(_cdiv(m, nthreads * 4), NARROW_MR) * NARROW_MR  # a few blocks per thread for balance
     for t in prange(_cdiv(m, rows)):
         i_lo = t * rows
         _direct_rows(i_lo, min(m, i_lo + rows), m, n, k, A, aoff, ars, acs, bbuf, C, 0, n, 1,
@@ -610,7 +655,7 @@ def gemm_serial(a, b, c, alpha, beta):
 
 for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
            _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
-           _pack_a, _pack_b_panel, _pack_b, tiles_b_rows, tiles_b_panels, tiles_a_rows):
+           _pack_a, _pack_b_panel, _pack_b, tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
 
 
