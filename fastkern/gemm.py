@@ -246,16 +246,16 @@ def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, c
 
 
 @njit(fastmath=_FAST, inline="always")
-def _store_tile(tile, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
-    """C[coff + i*crs + j*ccs] = alpha*tile + beta*C for tile rows [i_lo, i_hi), cols [0, nr)."""
+def _store_tile(tile, ld, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
+    """C[coff + i*crs + j*ccs] = alpha*tile[i*ld + j] + beta*C for tile rows [i_lo, i_hi), cols [0, nr)."""
     for i in range(i_lo, i_hi):
         row = coff + i * crs
         if beta == 0:  # C may hold garbage or NaN: never read it
             for j in range(nr):
-                C[row + j * ccs] = alpha * tile[i * NR + j]
+                C[row + j * ccs] = alpha * tile[i * ld + j]
         else:
             for j in range(nr):
-                C[row + j * ccs] = alpha * tile[i * NR + j] + beta * C[row + j * ccs]
+                C[row + j * ccs] = alpha * tile[i * ld + j] + beta * C[row + j * ccs]
 
 
 # --------------------------------------------------------------------------- #
@@ -287,14 +287,7 @@ def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, 
                 acc[i * vl + j] += ai * bp[p * NR + j]
     for x in range(NARROW_MR * vl):
         tile[x] = acc[x]
-    for i in range(r_lo, r_hi):
-        row = coff + i * crs
-        if beta == 0:  # C may hold garbage or NaN: never read it
-            for j in range(n):
-                C[row + j * ccs] = alpha * tile[i * vl + j]
-        else:
-            for j in range(n):
-                C[row + j * ccs] = alpha * tile[i * vl + j] + beta * C[row + j * ccs]
+    _store_tile(tile, vl, r_lo, r_hi, n, C, coff, crs, ccs, alpha, beta)
 
 
 # --------------------------------------------------------------------------- #
@@ -451,7 +444,7 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
             _micro_kernel(kc, ap, ir * kc, 1, mr, None, bp, bpoff + jr * kc, None, tile, C, cij, crs,
                           alpha, beta, to_c)
             if not to_c:
-                _store_tile(tile, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
+                _store_tile(tile, NR, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
 
 
 # --------------------------------------------------------------------------- #
@@ -537,7 +530,7 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
             _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, bp, jr * k, None, tile, C, cij, crs,
                           alpha, beta, to_c)
             if not to_c:
-                _store_tile(tile, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
+                _store_tile(tile, NR, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
 
 
 @njit(fastmath=_FAST, cache=True)
