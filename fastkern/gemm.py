@@ -8,6 +8,8 @@ Internal contract used by other kernels (conv, linear):
   with all threads.
 * ``gemm_serial(a, b, c, alpha, beta)``: a single-threaded ``@njit`` kernel with
   the same meaning, callable from inside other kernels' ``prange`` loops.
+* ``tiles_b_rows``, ``tiles_b_panels``, ``tiles_a_rows``, ``dot_tile``: tile
+  loops over operands read in place through row-offset tables (conv.py).
 
 Design (BLIS/GotoBLAS layering). Every operand is seen as a flat 1-D buffer
 plus an offset and a row and column stride in elements, so one compiled
@@ -21,9 +23,10 @@ signature per dtype serves C-ordered, transposed and strided views alike:
   vector registers (compiled with the SLP vectorizer on and FMA contraction),
   one broadcast of A times NR/16 vector loads of B per k step.
 * macro-kernel: loops the micro-kernel over one packed A block and B panel.
-* drivers: the packed parallel driver splits the rows of C (and, when they are
-  too few, the columns) among threads; the direct driver skips packing A for
-  small or skinny shapes whose K fits one block.
+* driver: one parallel entry point splits the rows of C (and, when they are
+  too few, the columns) among threads; small or skinny shapes whose K fits
+  one block skip packing A (the direct path), outputs of at most one vector
+  of columns use a 16-row narrow tile.
 """
 from __future__ import annotations
 
@@ -587,49 +590,35 @@ def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, cc
 @njit(fastmath=_FAST, parallel=True, cache=True)
 def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta,
                         abufs, bbufs, nthreads):
-    """All-threads packed GEMM into C-contiguous flat C (m x n); k >= 1.
+    """GEMM on ``nthreads`` threads into C-contiguous flat C (m x n); k >= 1.
 
     C is cut into ``nthreads`` slabs (of rows, or of columns when M is the
-    smaller side) and each worker runs the blocked loops on its slab with its
-    own packing buffers: one parallel region per call and no barrier inside,
-    so a worker delayed by another process does not stall the others at every
-    block. Packing the shared operand once per worker costs K*N (or M*K)
-    copies, small next to the 2*M*N*K flops.
+    smaller side) and each worker runs on its slab with its own packing
+    buffers: one parallel region per call and no barrier inside, so a worker
+    delayed by another process does not stall the others at every block.
+    Packing the shared operand once per worker costs K*N (or M*K) copies,
+    small next to the 2*M*N*K flops. Small or skinny shapes whose K fits one
+    block take the direct path: B packed whole, rows of A read in place.
+    One entry point serves every shape and thread count (small products call
+    it with one thread), so a first call compiles one driver, not three.
     """
     mr = _tile_rows(A)
-    by_rows = _cdiv(m, mr) >= _cdiv(n, NR)
-    unit = mr if by_rows else NR
+    direct = _use_direct(m, n, k, mr)
+    by_rows = direct or _cdiv(m, mr) >= _cdiv(n, NR)
+    unit = NARROW_MR if direct else mr if by_rows else NR
     units = _cdiv(m if by_rows else n, unit)
     per = _cdiv(units, nthreads) * unit
     for w in prange(nthreads):
         lo = w * per
-        if by_rows and lo < m:
+        if direct and lo < m:
+            _pack_b(B, boff, brs, bcs, k, n, bbufs[w])
+            _direct_rows(lo, min(m, lo + per), m, n, k, A, aoff, ars, acs, bbufs[w], C, 0, n, 1, alpha, beta)
+        elif by_rows and lo < m:
             _gemm_packed(min(per, m - lo), n, k, A, aoff + lo * ars, ars, acs, B, boff, brs, bcs,
                          C, lo * n, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
         elif not by_rows and lo < n:
             _gemm_packed(m, min(per, n - lo), k, A, aoff, ars, acs, B, boff + lo * bcs, brs, bcs,
                          C, lo, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
-
-
-@njit(fastmath=_FAST, parallel=True, cache=True)
-def _direct_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta, bbuf,
-                     nthreads):
-    """All-threads direct GEMM (k <= KC): B packed once, rows of A used in place."""
-    mr = _tile_rows(A)
-    _pack_b(B, boff, brs, bcs, k, n, bbuf)
-    rows = _cdiv(_cdiv(m, nthreads * 4), NARROW_MR) * NARROW_MR  # a few blocks per thread for balance
-    for t in prange(_cdiv(m, rows)):
-        i_lo = t * rows
-        _direct_rows(i_lo, min(m, i_lo + rows), m, n, k, A, aoff, ars, acs, bbuf, C, 0, n, 1,
-                     alpha, beta)
-
-
-@njit(fastmath=_FAST, nogil=True, cache=True)
-def _direct_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta, bbuf,
-                   nthreads=1):
-    """Single-threaded direct GEMM for small shapes called from Python (no pool wake-up)."""
-    _pack_b(B, boff, brs, bcs, k, n, bbuf)
-    _direct_rows(0, m, m, n, k, A, aoff, ars, acs, bbuf, C, 0, n, 1, alpha, beta)
 
 
 @njit(cache=True, nogil=True)
@@ -646,8 +635,7 @@ def gemm_serial(a, b, c, alpha, beta):
                       alpha, beta)
 
 
-for _d in (gemm_serial, _gemm_flat_parallel, _direct_parallel, _direct_serial,
-           _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
+for _d in (gemm_serial, _gemm_flat_parallel, _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
            _pack_a, _pack_b_panel, _pack_b, tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
 
@@ -701,17 +689,14 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     fb, boff, brs, bcs = _flat_np(b)
     mr = _mr(out.dtype)
     nthreads = numba.get_num_threads()
-    if k <= KC and m >= mr and n <= DIRECT_MAX_N:
-        bbuf = _workspace(out.dtype, 0, k * _cdiv_py(n, NR) * NR)[1][0]
-        args = (m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta, bbuf, nthreads)
-        if m * n * k <= DIRECT_SERIAL_WORK or nthreads == 1:
-            _direct_serial(*args)
-        else:
-            _direct_parallel(*args)
-        return out
-    kc = min(k, KC)
-    abufs, bbufs = _workspace(out.dtype, _cdiv_py(min(m, MC), mr) * mr * kc,
-                              _cdiv_py(min(n, NC), NR) * NR * kc)
+    if k <= KC and m >= mr and n <= DIRECT_MAX_N:  # the direct path (_use_direct)
+        a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
+        if m * n * k <= DIRECT_SERIAL_WORK:
+            nthreads = 1
+    else:
+        kc = min(k, KC)
+        a_elems, b_elems = _cdiv_py(min(m, MC), mr) * mr * kc, _cdiv_py(min(n, NC), NR) * NR * kc
+    abufs, bbufs = _workspace(out.dtype, a_elems, b_elems)
     _gemm_flat_parallel(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta,
                         abufs, bbufs, nthreads)
     return out
@@ -766,12 +751,8 @@ def matmul(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)
 
 
 def _warmup(dtype):
-    """Compile (or load from cache) the kernels matmul and gemm_serial use for ``dtype``."""
+    """Compile (or load from cache) the kernels matmul uses for ``dtype`` (one driver, both paths)."""
     dtype = np.dtype(dtype).type
     x = np.ones((MR_F32, KC + 1), dtype)
-    gemm_into(x, x.T, np.empty((MR_F32, MR_F32), dtype))  # packed parallel
-    gemm_into(x[:, :4], x[:, :4].T, np.empty((MR_F32, MR_F32), dtype))  # direct serial
-    y = np.ones((512, 64), dtype)
-    gemm_into(y, y.T[:, :64], np.empty((512, 64), dtype))  # direct parallel
-    c = np.empty((2, 2), dtype)
-    gemm_serial(x[:2, :3], x[:3, :2], c, dtype(1), dtype(0))
+    gemm_into(x, x.T, np.empty((MR_F32, MR_F32), dtype))  # packed
+    gemm_into(x[:, :4], x[:, :4].T, np.empty((MR_F32, MR_F32), dtype))  # direct
