@@ -145,6 +145,8 @@ _RSS_CHILD = """
 import resource, sys
 side, name, batch, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 from benchmarks import _cmp_train as c
+import models
+models.reuse_freed_memory()  # as in the timed run
 shape = dict((n, s) for n, _, s in c.CASES)[name]
 if side == "torch":
     import torch
@@ -210,7 +212,10 @@ def cold_start(threads):
 
 def main(args):
     import fastkern
+    import models
 
+    # As models.train does: freed activations stay in the heap (both libraries benefit).
+    models.reuse_freed_memory()
     torch = torch_or_none()
     fastkern.set_num_threads(args.threads)
     if torch is not None:

@@ -297,7 +297,7 @@ def _pack_weights(w, wpk, transpose, mr):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, wpk, bias, has_bias, y, ws, boffs, goffs, geo, grid, ogrid, mode, rt, n_bands,
+def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid, ogrid, mode, rt, n_bands,
                     mg, k, gstride, grid_len, col_len, ld, n_threads):
     # x (N, C, D, H, W); wpk (G, packed Mg x K); y (N, G*Mg, P); ws (T, >= grid + columns + Mg~*ld + tile)
     n_samples = x.shape[0]
@@ -344,8 +344,13 @@ def _forward_kernel(x, wpk, bias, has_bias, y, ws, boffs, goffs, geo, grid, ogri
                         c0 = co * ld + ocol[rr]
                         res = cbuf[c0:c0 + ow]
                         dst = yrow[(r0 + rr) * ow:(r0 + rr + 1) * ow]
-                        for e in range(ow):
-                            dst[e] = res[e] + bv
+                        if relu:  # fused: one pass over y instead of two
+                            for e in range(ow):
+                                v = res[e] + bv
+                                dst[e] = zero if v < 0 else v  # NaN passes through, as in torch
+                        else:
+                            for e in range(ow):
+                                dst[e] = res[e] + bv
 
 
 @njit(parallel=True, cache=True)
@@ -548,8 +553,10 @@ def _packed_weights(w3, transpose, mr):
     return wpk
 
 
-def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
+def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, activation=None):
     dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op)
+    if activation not in (None, "relu"):
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
     x5, w3, geo, out = _prepare(nd, x, weight, groups, kernel, geo_args)
     n, c_out = x.shape[0], weight.shape[0]
     y = np.empty((n, c_out) + out, dtype=dtype)
@@ -562,7 +569,7 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op):
     ws = _workspace("forward", dtype, n_threads, plan.per_thread)
     with vector_codegen():
         wpk = _packed_weights(w3, False, plan.mr)
-        _forward_kernel(x5, wpk, b, has_bias, y.reshape((n, c_out, -1)), ws, plan.boffs, plan.goffs, geo,
+        _forward_kernel(x5, wpk, b, has_bias, activation == "relu", y.reshape((n, c_out, -1)), ws, plan.boffs, plan.goffs, geo,
                         plan.grid, plan.ogrid, plan.mode, plan.rt, plan.n_bands, w3.shape[1], w3.shape[2],
                         plan.gstride, plan.grid_len, plan.col_len, plan.ld, n_threads)
     return y
@@ -650,17 +657,20 @@ _ARGS_DOC = """
     (output size = input size; stride 1 only; when ``dilation * (k - 1)`` is odd
     the extra zero goes after the input, as in torch). ``groups`` splits the
     channels into independent convolutions (``groups == C_in`` is depthwise).
-    Arrays are float32 or float64, all of one dtype.
+    Arrays are float32 or float64, all of one dtype. The forward also takes
+    ``activation='relu'`` (keyword only, not in torch): ``relu(conv + bias)`` in
+    the same pass over the output; its backward is :func:`fastkern.bias_relu_backward`
+    on the result, then the conv backward with ``bias_grad=False``.
 """
 
 
-def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
     """1-D convolution (cross-correlation) as ``torch.nn.functional.conv1d``.
 
     ``x`` is (N, C_in, L), ``weight`` (C_out, C_in / groups, kL), ``bias``
     (C_out,) or None. Returns a new (N, C_out, L_out) array.
     """
-    return _conv_forward(1, x, weight, bias, stride, padding, dilation, groups, "conv1d")
+    return _conv_forward(1, x, weight, bias, stride, padding, dilation, groups, "conv1d", activation)
 
 
 def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
@@ -675,13 +685,13 @@ def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
                           "conv1d_backward", input_grad)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
     """2-D convolution (cross-correlation) as ``torch.nn.functional.conv2d``.
 
     ``x`` is (N, C_in, H, W), ``weight`` (C_out, C_in / groups, kH, kW),
     ``bias`` (C_out,) or None. Returns a new (N, C_out, H_out, W_out) array.
     """
-    return _conv_forward(2, x, weight, bias, stride, padding, dilation, groups, "conv2d")
+    return _conv_forward(2, x, weight, bias, stride, padding, dilation, groups, "conv2d", activation)
 
 
 def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
@@ -696,13 +706,13 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
                           "conv2d_backward", input_grad)
 
 
-def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
     """3-D convolution (cross-correlation) as ``torch.nn.functional.conv3d``.
 
     ``x`` is (N, C_in, D, H, W), ``weight`` (C_out, C_in / groups, kD, kH, kW),
     ``bias`` (C_out,) or None. Returns a new (N, C_out, D_out, H_out, W_out) array.
     """
-    return _conv_forward(3, x, weight, bias, stride, padding, dilation, groups, "conv3d")
+    return _conv_forward(3, x, weight, bias, stride, padding, dilation, groups, "conv3d", activation)
 
 
 def conv3d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,

@@ -17,6 +17,7 @@ from .layers import (  # noqa: F401
     LeakyReLU, Linear, MaxPool2d, ReLU, Sigmoid, Tanh, reseed_dropout,
 )
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss  # noqa: F401
+from .memory import reuse_freed_memory  # noqa: F401
 from .module import Module, Parameter, Sequential, manual_seed  # noqa: F401
 from .optim import SGD, Adam, AdamW, CosineAnnealingLR, RMSprop, StepLR  # noqa: F401
 from .zoo import MLP, LeNet5, LogisticRegression, SmallCNN  # noqa: F401

@@ -4,7 +4,8 @@ gradients into ``.grad`` and returns the gradient w.r.t. the input.
 
 Parameters reach the kernels as plain arrays (``p.array``), the cached input is
 the caller's array itself (no copy), and ``activation="relu"`` on Linear/Conv
-fuses the bias add and the ReLU into one pass over the output (``bias_relu``).
+fuses the bias add and the ReLU into one pass over the output: ``bias_relu``
+after a Linear, the conv's own epilogue in a Conv.
 """
 from __future__ import annotations
 
@@ -110,7 +111,11 @@ class _ConvNd(_WithActivation):
 
     def forward(self, x):
         self._x = x
-        return self._finish(self._op(x, self.weight.array, self._op_bias()))
+        if self.activation == "relu":  # bias and ReLU in the conv's own pass over its output
+            b = None if self.bias is None else self.bias.array
+            self._y = self._op(x, self.weight.array, b, "relu")
+            return self._y
+        return self._op(x, self.weight.array, self._op_bias())
 
     def backward(self, g):
         g = self._start_backward(g)
@@ -131,8 +136,8 @@ class Conv1d(_ConvNd):
     """1-D convolution over (N, C, L) (torch.nn.Conv1d arguments)."""
     nd = 1
 
-    def _op(self, x, w, b):
-        return fk.conv1d(x, w, b, **self.conv_args)
+    def _op(self, x, w, b, activation=None):
+        return fk.conv1d(x, w, b, activation=activation, **self.conv_args)
 
     def _op_backward(self, g, x, w, bias_grad, input_grad):
         return fk.conv1d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, **self.conv_args)
@@ -142,8 +147,8 @@ class Conv2d(_ConvNd):
     """2-D convolution over (N, C, H, W) (torch.nn.Conv2d arguments)."""
     nd = 2
 
-    def _op(self, x, w, b):
-        return fk.conv2d(x, w, b, **self.conv_args)
+    def _op(self, x, w, b, activation=None):
+        return fk.conv2d(x, w, b, activation=activation, **self.conv_args)
 
     def _op_backward(self, g, x, w, bias_grad, input_grad):
         return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, **self.conv_args)

@@ -208,8 +208,10 @@ def run(args) -> dict:
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import DataError, batches, load, random_shift_
+    from .memory import reuse_freed_memory
 
     check_args(args)
+    reuse_freed_memory()
     if args.threads is not None:
         try:
             fastkern.set_num_threads(args.threads)
