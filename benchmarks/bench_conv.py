@@ -1,4 +1,4 @@
-"""asv: convolutions (im2col + packed GEMM), forward and forward+backward."""
+"""asv: convolutions (wide grid or packed columns on the GEMM micro-kernel), forward and forward+backward."""
 import numpy as np
 
 import fastkern
