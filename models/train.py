@@ -256,6 +256,7 @@ def run(args) -> dict:
     shift = args.shift if ds.x_train.ndim == 4 else 0
     scratch = np.empty((args.batch_size,) + ds.input_shape, np.float32) if shift else None
     has_dropout = any(isinstance(m, models.Dropout) for m in model.modules())
+    print("preparing kernels (compiled on the first run, then loaded from Numba's cache)", file=log)
     t0 = time.perf_counter()
     warm_up(model, crit, ds.x_train, ds.y_train, args.batch_size)
     print(f"kernels ready in {time.perf_counter() - t0:.2f} s", file=log)
