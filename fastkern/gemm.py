@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import ir as llvm_ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -136,9 +136,9 @@ def _prefetch_write(typingctx, arr, idx):
 
     def codegen(context, builder, sig, args):
         ary = make_array(arr)(context, builder, value=args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        i8p = llvm_ir.IntType(8).as_pointer()
+        i32 = llvm_ir.IntType(32)
+        fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
         builder.call(fn, [ptr, i32(1), i32(3), i32(1)])  # write, keep in all levels, data

@@ -44,7 +44,7 @@ def naive_conv(x, w, b, stride, padding, dilation, groups):
         )
         win = xp[(slice(None), slice(None)) + sl]  # (N, C, *out)
         for g in range(groups):
-            wt = w[g * mg:(g + 1) * mg, :, *tap].astype(np.float64)  # (mg, cg)
+            wt = w[(slice(g * mg, (g + 1) * mg), slice(None)) + tap].astype(np.float64)  # (mg, cg)
             y[:, g * mg:(g + 1) * mg] += np.tensordot(wt, win[:, g * cg:(g + 1) * cg], axes=([1], [1])).swapaxes(0, 1)
     if b is not None:
         y += b.reshape((1, co) + (1,) * nd)

@@ -49,7 +49,12 @@ def test_batch_norm_training_matches_naive_numpy_and_updates_running_stats(shape
     ref, mean, var = naive_batch_norm_train(x, gamma, beta, 1e-5)
     tol = 2e-4 if dtype == np.float32 else 1e-10
     assert y.shape == x.shape and y.dtype == dtype
-    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol)
+    # The output's own rounding: the saved mean is stored in the input's dtype, so y carries an
+    # error of about eps * |mean| * gamma * invstd, large where a channel's spread is small
+    # next to its mean (two samples 0.1 apart at an offset of 66, say).
+    bshape = (1, -1) + (1,) * (x.ndim - 2)
+    cond = np.finfo(dtype).eps * np.abs(mean) * gamma / np.sqrt(var + 1e-5)
+    np.testing.assert_array_less(np.abs(y - ref), tol * (1 + np.abs(ref)) + 4 * cond.reshape(bshape))
     np.testing.assert_allclose(save_mean, mean, rtol=tol, atol=tol * max(1, abs(offset)))
     np.testing.assert_allclose(save_invstd, 1 / np.sqrt(var + 1e-5), rtol=tol)
     count = x.size // shape[1]

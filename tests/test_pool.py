@@ -4,7 +4,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkern as fk
-from fastkern import pool
 from fastkern.testing import gradcheck
 
 SETTINGS = settings(max_examples=30, deadline=None)
