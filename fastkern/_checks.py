@@ -6,6 +6,7 @@ kernels themselves never re-check.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -129,3 +130,35 @@ def check_writeable(x: np.ndarray, name: str) -> np.ndarray:
     if not x.flags.writeable:
         raise ValueError(f"{name} is read-only but is updated in place")
     return x
+
+
+def plain(v) -> bool:
+    """Whether ``v`` is None, an exact int or str, or a tuple of exact ints.
+
+    Such values are equal only when they validate identically (``True == 1``
+    and ``1.0 == 1`` are not plain), so they can key a cache of checked results.
+    """
+    t = type(v)
+    return v is None or t is int or t is str or (t is tuple and all(type(e) is int for e in v))
+
+
+def memoize_plain(fn, maxsize: int = 512):
+    """Cache a pure checking function for calls whose arguments are all :func:`plain`.
+
+    Training calls every op with the same shapes and arguments at every step;
+    other calls (and calls that raise) always run ``fn``.
+    """
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if not all(plain(a) for a in args):
+            return fn(*args)
+        hit = cache.get(args)
+        if hit is None:
+            if len(cache) >= maxsize:
+                cache.clear()
+            hit = cache[args] = fn(*args)
+        return hit
+
+    return cached

@@ -42,7 +42,7 @@ def _elementwise_out(out, shape, dtype, **inputs):
         return np.empty(shape, dtype)
     check_out(out, shape, dtype)
     for k, v in inputs.items():
-        if np.may_share_memory(out, v) and not (
+        if v is not out and np.may_share_memory(out, v) and not (
             out.__array_interface__["data"][0] == v.__array_interface__["data"][0]
             and out.strides == v.strides
         ):

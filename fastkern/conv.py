@@ -38,15 +38,15 @@ deterministic for a given thread count.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from ._checks import check_array, check_same_dtype
-from ._codegen import vector_codegen, vectorized
+from ._checks import check_array, check_same_dtype, plain
+from ._codegen import vectorized
 from .gemm import (DOT_R, DOT_S, NR, _cdiv, _lanes, _mr, _pack_a, _stack_array, _tile_rows, dot_tile, tiles_a_rows,
                    tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
+from .threads import get_num_threads
 
 # Per-thread scratch (padded sample, column band, output tile rows) aims at
 # _THREAD_BYTES so it stays in the 2 MiB L2 from the copy that fills it to the
@@ -535,14 +535,68 @@ def _round_up_py(a, b):
     return -(-a // b) * b
 
 
-def _prepare(nd, x, weight, groups, kernel, geo_args):
-    stride, pad_lo, _, dilation, out = geo_args
-    n, c_in = x.shape[:2]
-    c_out = weight.shape[0]
-    x5 = np.ascontiguousarray(x).reshape((n, c_in) + lift3(x.shape[2:], 1))
-    w3 = np.ascontiguousarray(weight).reshape((groups, c_out // groups, -1))
-    geo = make_geo(lift3(kernel, 1), lift3(stride, 1), lift3(pad_lo, 0), lift3(dilation, 1), lift3(out, 1))
-    return x5, w3, geo, out
+# Validated geometry and plans, by call signature: a training loop calls each
+# layer with the same shapes every step, and re-deriving the plan in Python
+# costs more than the kernel on small layers. Keys hold only plain arguments
+# (_checks.plain), shapes and dtypes, so an entry is reused only for a call
+# that validates identically.
+_CALLS: dict = {}
+_CALLS_MAX = 512
+
+
+def _call_key(arrays, params):
+    """Hashable signature of a call, or None when an argument is not plain enough to cache."""
+    if not all(plain(p) for p in params):
+        return None
+    # the tunables below are in the key too: tests change them to force each path
+    sig = [get_num_threads(), _FORCE, _THREAD_BYTES, _MAX_WORKSPACE_BYTES, _IM2COL_COST, _DOT_PARTIAL_BYTES]
+    for a in arrays:
+        if a is None:
+            sig.append(None)
+        elif type(a) is np.ndarray:
+            sig.append((a.shape, a.dtype))
+        else:
+            return None
+    return tuple(sig) + tuple(params)
+
+
+def _remember(key, value):
+    if key is not None:
+        if len(_CALLS) >= _CALLS_MAX:
+            _CALLS.clear()
+        _CALLS[key] = value
+    return value
+
+
+class _Call:
+    """Everything a conv call derives from shapes and arguments: checked once per signature."""
+
+    def __init__(self, nd, x, weight, bias, stride, padding, dilation, groups, op, backward):
+        dtype, groups, kernel, (stride, pad_lo, _, dilation, out) = _check_conv(
+            nd, x, weight, bias, stride, padding, dilation, groups, op)
+        n, c_in = x.shape[:2]
+        c_out = weight.shape[0]
+        self.dtype, self.out = dtype, out
+        self.x5_shape = (n, c_in) + lift3(x.shape[2:], 1)
+        self.w3_shape = (groups, c_out // groups, weight.shape[1] * int(np.prod(kernel)))
+        self.geo = make_geo(lift3(kernel, 1), lift3(stride, 1), lift3(pad_lo, 0), lift3(dilation, 1),
+                            lift3(out, 1))
+        self.n_threads = n_threads = get_num_threads()
+        self.y_shape = (n, c_out) + tuple(out)
+        self.plan = None
+        if n and c_out:
+            self.plan = _Plan(self.x5_shape, self.w3_shape, self.geo, dtype, n_threads, backward,
+                              min_bands=-(-n_threads // n))
+        if backward:
+            _, mg, k = self.w3_shape
+            lanes = 64 // dtype.itemsize
+            self.n_rt, self.n_st = -(-mg // DOT_R), -(-k // DOT_S)
+            self.dot = self.n_rt * self.n_st * DOT_R * DOT_S * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
+            # the grid copy writes every element of grad_x unless windows stop short of the input
+            # (strided) or the columns come straight from the input: then grad_x starts zeroed
+            p = self.plan
+            self.dx_covered = p is not None and p.mode != DIRECT_COLUMNS and all(
+                g - lo >= size for g, lo, size in zip(p.grid, self.geo[6:9], self.x5_shape[2:]))
 
 
 def _packed_weights(w3, transpose, mr):
@@ -554,65 +608,106 @@ def _packed_weights(w3, transpose, mr):
 
 
 def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, activation=None):
-    dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, bias, stride, padding, dilation, groups, op)
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
-    x5, w3, geo, out = _prepare(nd, x, weight, groups, kernel, geo_args)
-    n, c_out = x.shape[0], weight.shape[0]
-    y = np.empty((n, c_out) + out, dtype=dtype)
+    key = _call_key((x, weight, bias), (nd, stride, padding, dilation, groups))
+    call = _CALLS.get(key) if key is not None else None
+    if call is None:
+        call = _remember(key, _Call(nd, x, weight, bias, stride, padding, dilation, groups, op, False))
+    y = np.empty(call.y_shape, dtype=call.dtype)
+    plan = call.plan
     if y.size == 0:
         return y
-    n_threads = numba.get_num_threads()
-    plan = _Plan(x5.shape, w3.shape, geo, dtype, n_threads, backward=False, min_bands=-(-n_threads // n))
+    x5 = np.ascontiguousarray(x).reshape(call.x5_shape)
+    w3 = np.ascontiguousarray(weight).reshape(call.w3_shape)
     has_bias = bias is not None
-    b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, dtype)
-    ws = _workspace("forward", dtype, n_threads, plan.per_thread)
-    with vector_codegen():
-        wpk = _packed_weights(w3, False, plan.mr)
-        _forward_kernel(x5, wpk, b, has_bias, activation == "relu", y.reshape((n, c_out, -1)), ws, plan.boffs, plan.goffs, geo,
-                        plan.grid, plan.ogrid, plan.mode, plan.rt, plan.n_bands, w3.shape[1], w3.shape[2],
-                        plan.gstride, plan.grid_len, plan.col_len, plan.ld, n_threads)
+    b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, call.dtype)
+    n_threads = call.n_threads
+    ws = _workspace("forward", call.dtype, n_threads, plan.per_thread)
+    wpk = _packed_weights(w3, False, plan.mr)
+    n, c_out = y.shape[:2]
+    _forward_kernel(x5, wpk, b, has_bias, activation == "relu", y.reshape((n, c_out, -1)), ws, plan.boffs,
+                    plan.goffs, call.geo, plan.grid, plan.ogrid, plan.mode, plan.rt, plan.n_bands,
+                    call.w3_shape[1], call.w3_shape[2], plan.gstride, plan.grid_len, plan.col_len, plan.ld,
+                    n_threads)
     return y
 
 
+@njit(cache=True)
+def _sum_partials(dwt, dwp, db, grad_w, grad_b):
+    """Per-thread partials summed in a fixed thread order: ``grad_w`` (G, Mg, K), ``grad_b``.
+
+    ``dwp`` (T, G, Mg/R, K/S, R*S*VL) holds per-lane inner-product sums when
+    it is not empty, else ``dwt`` (T, G, K~, Mg~) holds dW[g].T.
+    """
+    n_threads, n_groups = db.shape[0], grad_w.shape[0]
+    mg, k = grad_w.shape[1], grad_w.shape[2]
+    zero = grad_w.dtype.type(0)
+    if dwp.size > 0:
+        vl = dwp.shape[4] // (DOT_R * DOT_S)
+        for g in range(n_groups):
+            for co in range(mg):
+                i, r = co // DOT_R, co % DOT_R
+                for kk in range(k):
+                    j, s = kk // DOT_S, kk % DOT_S
+                    lanes = (r * DOT_S + s) * vl
+                    acc = zero
+                    for t in range(n_threads):
+                        part = dwp[t, g, i, j]
+                        for e in range(vl):
+                            acc += part[lanes + e]
+                    grad_w[g, co, kk] = acc
+    else:
+        for g in range(n_groups):
+            for co in range(mg):
+                for kk in range(k):
+                    acc = zero
+                    for t in range(n_threads):
+                        acc += dwt[t, g, kk, co]
+                    grad_w[g, co, kk] = acc
+    for c in range(grad_b.size):
+        acc = zero
+        for t in range(n_threads):
+            acc += db[t, c]
+        grad_b[c] = acc
+
+
 def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True):
-    dtype, groups, kernel, geo_args = _check_conv(nd, x, weight, None, stride, padding, dilation, groups, op)
-    check_array(grad_y, "grad_y", nd + 2)
-    check_same_dtype(grad_y=grad_y, x=x, weight=weight)
-    want = (x.shape[0], weight.shape[0]) + tuple(geo_args[4])
-    if grad_y.shape != want:
-        raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {want}")
-    x5, w3, geo, out = _prepare(nd, x, weight, groups, kernel, geo_args)
+    key = _call_key((grad_y, x, weight), (nd, stride, padding, dilation, groups))
+    call = _CALLS.get(key) if key is not None else None
+    if call is None:
+        call = _Call(nd, x, weight, None, stride, padding, dilation, groups, op, True)
+        check_array(grad_y, "grad_y", nd + 2)
+        check_same_dtype(grad_y=grad_y, x=x, weight=weight)
+        if grad_y.shape != call.y_shape:
+            raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {call.y_shape}")
+        _remember(key, call)
+    dtype, plan = call.dtype, call.plan
     n = x.shape[0]
-    n_groups, mg, k = w3.shape
-    n_threads = numba.get_num_threads()
+    n_groups, mg, k = call.w3_shape
+    n_threads = call.n_threads
     # grad_x is skipped (and None) for a layer fed by data: the first layer of a model
-    dx = np.zeros(x.shape if input_grad else (0,) * x.ndim, dtype=dtype)
+    dx = (np.empty if call.dx_covered else np.zeros)(x.shape if input_grad else (0,) * x.ndim, dtype=dtype)
     mr = _mr(dtype)
     lanes = 64 // dtype.itemsize
-    n_rt, n_st = -(-mg // DOT_R), -(-k // DOT_S)
-    dot = n_rt * n_st * DOT_R * DOT_S * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
+    dot, n_rt, n_st = call.dot, call.n_rt, call.n_st
     dwt = np.zeros((n_threads, n_groups) + ((0, 0) if dot else (_round_up_py(k, mr), _round_up_py(mg, NR))), dtype)
     dwp = np.zeros((n_threads, n_groups) + ((n_rt, n_st, DOT_R * DOT_S * lanes) if dot else (0, 0, 0)), dtype)
     db = np.zeros((n_threads, n_groups * mg), dtype)
-    if n and grad_y.size:
-        plan = _Plan(x5.shape, w3.shape, geo, dtype, n_threads, backward=True)
+    if plan is not None and grad_y.size:
+        x5 = np.ascontiguousarray(x).reshape(call.x5_shape)
+        w3 = np.ascontiguousarray(weight).reshape(call.w3_shape)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups * mg, -1))
         ws = _workspace("backward", dtype, n_threads, plan.per_thread)
-        with vector_codegen():
-            wtpk = _packed_weights(w3, True, mr)
-            _backward_kernel(gy, x5, wtpk, dx.reshape(x5.shape if input_grad else (0,) * 5), dwt, dwp, db, ws,
-                             plan.boffs, plan.arows, plan.dyoffs, plan.goffs, geo, plan.grid, plan.ogrid,
-                             plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len,
-                             plan.col_len, plan.ld, input_grad, n_threads)
-    if dot:
-        tiles = dwp.reshape(n_threads, n_groups, n_rt, n_st, DOT_R, DOT_S, lanes).sum(axis=(0, 6))
-        grad_w = tiles.transpose(0, 1, 3, 2, 4).reshape(n_groups, n_rt * DOT_R, n_st * DOT_S)[:, :mg, :k]
-    else:
-        grad_w = dwt.sum(axis=0)[:, :k, :mg].transpose(0, 2, 1)
-    grad_w = grad_w.reshape(weight.shape)
-    grad_b = db.sum(axis=0) if bias_grad else None
-    return (dx if input_grad else None), np.ascontiguousarray(grad_w), grad_b
+        wtpk = _packed_weights(w3, True, mr)
+        _backward_kernel(gy, x5, wtpk, dx.reshape(call.x5_shape if input_grad else (0,) * 5), dwt, dwp, db, ws,
+                         plan.boffs, plan.arows, plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid,
+                         plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len,
+                         plan.col_len, plan.ld, input_grad, n_threads)
+    grad_w = np.empty(call.w3_shape, dtype)
+    grad_b = np.empty(n_groups * mg, dtype)
+    _sum_partials(dwt, dwp, db, grad_w, grad_b)
+    return (dx if input_grad else None), grad_w.reshape(weight.shape), (grad_b if bias_grad else None)
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from numba.np.arrayobj import make_array, populate_array
 
 from ._checks import check_no_overlap, check_out, check_scalar
 from ._codegen import FMA, vectorized
+from .threads import get_num_threads
 
 _MATMUL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -688,7 +689,7 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     fa, aoff, ars, acs = _flat_np(a)
     fb, boff, brs, bcs = _flat_np(b)
     mr = _mr(out.dtype)
-    nthreads = numba.get_num_threads()
+    nthreads = get_num_threads()
     if k <= KC and m >= mr and n <= DIRECT_MAX_N:  # the direct path (_use_direct)
         a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
         if m * n * k <= DIRECT_SERIAL_WORK:

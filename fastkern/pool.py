@@ -14,12 +14,13 @@ write one element from two threads, and results are deterministic.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 from numba import njit, prange
 
-from ._checks import as_tuple, check_array, check_non_negative, check_positive
+from ._checks import as_tuple, check_array, check_non_negative, check_positive, memoize_plain
 
 # Below this many input elements the whole op is a few microseconds on one
 # core, less than waking the thread pool.
@@ -62,6 +63,7 @@ def _pool_geometry(spatial, nd, kernel_size, stride, padding, dilation, what):
     return k, s, p, d, tuple(out)
 
 
+@memoize_plain
 def _geometry(spatial, nd, kernel_size, stride, padding, dilation, what):
     """Validated geometry in the caller's ``nd`` dims, lifted to the (H, W) of a plane."""
     k, s, p, d, out = _pool_geometry(spatial, nd, kernel_size, stride, padding, dilation, what)
@@ -331,7 +333,7 @@ def _max_pool_backward(grad_y, indices, input_shape, nd, kernel_size, stride, pa
         raise TypeError(f"indices must be an int64 numpy.ndarray, got {getattr(indices, 'dtype', type(indices))}")
     if indices.shape != grad_y.shape:
         raise ValueError(f"indices has shape {indices.shape} but grad_y has shape {grad_y.shape}")
-    planes = int(np.prod(input_shape[:-nd], dtype=np.int64))
+    planes = math.prod(input_shape[:-nd])
     gx = np.empty((planes,) + spatial, grad_y.dtype)
     g = np.ascontiguousarray(grad_y).reshape((planes,) + out)
     j = np.ascontiguousarray(indices).reshape((planes,) + out)
@@ -449,7 +451,7 @@ def _avg_pool_backward(grad_y, input_shape, nd, kernel_size, stride, padding, co
     spatial = _lift(input_shape[-nd:], nd, 1)
     k, s, p, out = _avg_geometry(input_shape[-nd:], nd, kernel_size, stride, padding)
     _check_grad(grad_y, _out_shape(input_shape, out, nd), "avg_pool")
-    planes = int(np.prod(input_shape[:-nd], dtype=np.int64))
+    planes = math.prod(input_shape[:-nd])
     gx = np.empty((planes,) + spatial, grad_y.dtype)
     g = np.ascontiguousarray(grad_y).reshape((planes,) + out)
     _run(_avg_back_planes, _avg_back_planes_par, gx.size, g, gx, *k, *s, *p, bool(count_include_pad))

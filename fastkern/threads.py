@@ -14,9 +14,18 @@ import numbers
 import numba
 
 
+_query = None
+
+
 def get_num_threads() -> int:
-    """Number of threads fastkern kernels use."""
-    return numba.get_num_threads()
+    """Number of threads fastkern kernels use (Numba's setting for the calling thread)."""
+    global _query
+    if _query is None:
+        numba.get_num_threads()  # starts the pool, which binds the raw query
+        from numba.np.ufunc import parallel
+        # the raw query skips 1.5 us of Python per call; every op asks once
+        _query = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
+    return _query()
 
 
 def max_threads() -> int:

@@ -270,6 +270,50 @@ def test_every_column_source_and_weight_tile_matches_reference(case, source, dty
         np.testing.assert_allclose(a, c, **tol(dtype))
 
 
+class _GarbageEmpty:
+    """numpy, except that ``empty`` returns NaN-filled arrays (recycled memory at its worst)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return np.full(shape, np.nan, dtype)
+
+
+@pytest.mark.parametrize("case", SOURCE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}")
+def test_outputs_do_not_depend_on_uninitialized_memory(case, monkeypatch):
+    # grad_x starts uninitialized only where the kernel writes all of it; strided windows
+    # that stop short of the input's end must still give zeros there, not garbage.
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    nd = x.ndim - 2
+    y = FWD[nd](x, w, None, **args)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    want = BWD[nd](gy, x, w, **args)
+    monkeypatch.setattr(conv_mod, "np", _GarbageEmpty())
+    np.testing.assert_array_equal(FWD[nd](x, w, None, **args), y)
+    for got, ref in zip(BWD[nd](gy, x, w, **args), want):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_cached_call_plans_still_reject_bad_arguments():
+    x = np.ones((2, 3, 8, 8), np.float32)
+    w = np.ones((4, 3, 3, 3), np.float32)
+    y = fastkern.conv2d(x, w, stride=1)
+    fastkern.conv2d_backward(y, x, w, stride=1)
+    with pytest.raises(TypeError, match="stride"):
+        fastkern.conv2d(x, w, stride=True)
+    with pytest.raises(ValueError, match="grad_y"):
+        fastkern.conv2d_backward(y[:, :, :-1], x, w, stride=1)
+    with pytest.raises(TypeError, match="dtype"):
+        fastkern.conv2d(x.astype(np.float64), w, stride=1)
+    np.testing.assert_allclose(fastkern.conv2d(x, w, stride=np.int64(1)), y)
+
+
 def test_backward_ignores_non_finite_values_left_in_the_workspace():
     # A NaN input leaves NaNs in the cached scratch; the next call must not pick them up
     # from the padding columns its tiles read past a band.

@@ -296,3 +296,20 @@ def test_bad_inputs_raise():
         fk.global_avg_pool2d_backward(np.zeros((2, 1)), x.shape)
     with pytest.raises(ValueError, match="only padding"):
         fk.max_pool1d(np.zeros((1, 1, 4)), 2, 1, 1, 5)
+
+
+def test_checked_geometry_is_reused_only_for_identical_arguments():
+    # The second call of each pair hits the geometry cache's key space: True == 1 and
+    # 2.0 == 2 must still be rejected, and a bad call must not poison later good ones.
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    fk.max_pool2d(x, 2, stride=1)
+    with pytest.raises(TypeError, match="stride"):
+        fk.max_pool2d(x, 2, stride=True)
+    fk.max_pool2d(x, 2)
+    with pytest.raises(TypeError, match="kernel_size"):
+        fk.max_pool2d(x, 2.0)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        fk.max_pool2d(x, 7)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        fk.max_pool2d(x, 7)
+    assert fk.max_pool2d(x, 2).shape == (1, 2, 3, 3)
