@@ -65,7 +65,7 @@ NC_SERIAL = 128
 # output is narrow or small; below DIRECT_SERIAL_WORK multiply-adds one
 # thread is faster than waking the pool.
 DIRECT_MAX_N = 512
-DIRECT_SERIAL_WORK = 1 << 20
+DIRECT_SERIAL_WORK = 1 << 15
 
 
 _FAST = FMA
