@@ -10,7 +10,11 @@ Inputs are (N, C, H, W) for 2-D (or unbatched (C, H, W)) and (N, C, L) for
 1-D (or (C, L)). A 1-D pool is a 2-D pool over (1, L) planes. Every kernel
 works on a stack of planes (N*C, H, W): ``prange`` hands each iteration whole
 planes, so the backward scatters (which overlap when stride < kernel) never
-write one element from two threads, and results are deterministic.
+write one element from two threads, and results are deterministic. The
+parallel drivers hand planes out as ``borrowed`` views and the per-plane
+kernels run without reference counting (gemm.py's ``_nrt`` note): a plane of
+LeNet's second pool is 100 elements, less work than refcount atomics on
+arrays both threads share.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import as_tuple, check_array, check_non_negative, check_positive, memoize_plain
+from .gemm import borrowed
 
 # Below this many input elements the whole op is a few microseconds on one
 # core, less than waking the thread pool.
@@ -118,7 +123,7 @@ def _run(serial, par, size, *args):
 # ---------------------------------------------------------------- max pool: forward
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _max_plane(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
     h, w = x.shape
     oh_, ow_ = y.shape
@@ -145,7 +150,7 @@ def _max_plane(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
                 idx[oh, ow] = bi
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _max_2x2_row_exact(r0, r1, y, idx, with_idx, base, w):
     """torch's sequential scan (strict >, a NaN always wins) for one output row."""
     for ow in range(y.size):
@@ -165,7 +170,7 @@ def _max_2x2_row_exact(r0, r1, y, idx, with_idx, base, w):
             idx[ow] = base + 2 * ow + off
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _max_2x2_plane(x, y, idx, with_idx, off):
     """kernel 2, stride 2, no padding/dilation.
 
@@ -226,6 +231,7 @@ def _max_planes(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
 
 @njit(cache=True, parallel=True)
 def _max_planes_par(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    x, y, idx = borrowed(x), borrowed(y), borrowed(idx)
     n = x.shape[0]
     for b in prange((n + PLANE_BLOCK - 1) // PLANE_BLOCK):
         _max_plane_range(x, y, idx, with_idx, kh, kw, sh, sw, ph, pw, dh, dw,
@@ -264,7 +270,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, return_indice
 # ---------------------------------------------------------------- max pool: backward
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _max_back_plane(g, idx, gx):
     """Scatter one plane; returns how many indices fell outside the plane (then skipped)."""
     hw = gx.size
@@ -282,7 +288,7 @@ def _max_back_plane(g, idx, gx):
     return bad
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _max_back_2x2_plane(g, idx, gx):
     """Non-overlapping 2x2 windows: every grad_x element is written once, no zero-fill pass.
 
@@ -319,6 +325,7 @@ def _max_back_planes(g, idx, gx, bad, fast):
 
 @njit(cache=True, parallel=True)
 def _max_back_planes_par(g, idx, gx, bad, fast):
+    g, idx, gx, bad = borrowed(g), borrowed(idx), borrowed(gx), borrowed(bad)
     for p in prange(gx.shape[0]):
         bad[p] = _max_back_2x2_plane(g[p], idx[p], gx[p]) if fast else _max_back_plane(g[p], idx[p], gx[p])
 
@@ -366,7 +373,7 @@ def max_pool2d_backward(grad_y, indices, input_shape, kernel_size, stride=None, 
 # ---------------------------------------------------------------- average pool
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _avg_window(oh, ow, h, w, kh, kw, sh, sw, ph, pw, include_pad):
     """Clipped window bounds and torch's divisor (padding counts, overhang past it does not)."""
     h0 = oh * sh - ph
@@ -381,7 +388,7 @@ def _avg_window(oh, ow, h, w, kh, kw, sh, sw, ph, pw, include_pad):
     return h0, h1, w0, w1, size
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _avg_plane(x, y, kh, kw, sh, sw, ph, pw, include_pad):
     h, w = x.shape
     oh_, ow_ = y.shape
@@ -395,7 +402,7 @@ def _avg_plane(x, y, kh, kw, sh, sw, ph, pw, include_pad):
             y[oh, ow] = acc / size
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _avg_back_plane(g, gx, kh, kw, sh, sw, ph, pw, include_pad):
     h, w = gx.shape
     oh_, ow_ = g.shape
@@ -417,6 +424,7 @@ def _avg_planes(x, y, kh, kw, sh, sw, ph, pw, include_pad):
 
 @njit(cache=True, parallel=True)
 def _avg_planes_par(x, y, kh, kw, sh, sw, ph, pw, include_pad):
+    x, y = borrowed(x), borrowed(y)
     for p in prange(x.shape[0]):
         _avg_plane(x[p], y[p], kh, kw, sh, sw, ph, pw, include_pad)
 
@@ -429,6 +437,7 @@ def _avg_back_planes(g, gx, kh, kw, sh, sw, ph, pw, include_pad):
 
 @njit(cache=True, parallel=True)
 def _avg_back_planes_par(g, gx, kh, kw, sh, sw, ph, pw, include_pad):
+    g, gx = borrowed(g), borrowed(gx)
     for p in prange(gx.shape[0]):
         _avg_back_plane(g[p], gx[p], kh, kw, sh, sw, ph, pw, include_pad)
 
@@ -485,7 +494,7 @@ def avg_pool2d_backward(grad_y, input_shape, kernel_size, stride=None, padding=0
 # ---------------------------------------------------------------- global average pool
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, _nrt=False)
 def _gap_planes(x, y, lo, hi):
     for p in range(lo, hi):
         acc = 0.0
@@ -500,7 +509,7 @@ def _gap_par(x, y):
         _gap_planes(x, y, p, p + 1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _gap_back_planes(g, gx, lo, hi):
     for p in range(lo, hi):
         v = g[p] / gx.shape[1]
