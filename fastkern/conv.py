@@ -43,8 +43,8 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain
 from ._codegen import vectorized
-from .gemm import (DOT_R, DOT_S, NR, _cdiv, _lanes, _mr, _pack_a, _stack_array, _tile_rows, dot_tile, tiles_a_rows,
-                   tiles_b_panels, tiles_b_rows)
+from .gemm import (DOT_R, DOT_S, NR, _cdiv, _lanes, _mr, _pack_a, _stack_array, _tile_rows, borrowed, dot_tile,
+                   tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .threads import get_num_threads
 
@@ -120,7 +120,7 @@ def _band(r0, r1, geo, grid):
     return j0, _grid_col(r1 - 1, oh, grid[1], grid[2]) + ow - j0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _band_rows(r0, r1, geo, grid, ogrid, win, ocol):
     """Per output row of the band [r0, r1): ``win``, the grid offset of its first window (tap 0,
     channel 0), and ``ocol``, its first column relative to the band's. Returns (j0, ncol) of
@@ -144,7 +144,7 @@ def _round_up(a, b):
     return (a + b - 1) // b * b
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _grid_copy(xn, xg, geo, grid, to_grid):
     """Sample ``xn`` (C, D, H, W) into the interior of the zero-bordered grid ``xg`` (flat
     C x Dp x Hp x Wp), or with ``to_grid`` False that interior back into ``xn`` (the adjoint of
@@ -168,7 +168,7 @@ def _grid_copy(xn, xg, geo, grid, to_grid):
                         sample[e] = inside[e]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _columns(xg, col, ld, goffs, n_rows_band, win, geo, fold):
     """Explicit columns ``col[k, rr*OW + ow]`` (rows ld apart) of a band of output rows whose
     windows start at ``win``, gathered from the grid ``xg``; with ``fold`` the adjoint,
@@ -193,7 +193,7 @@ def _columns(xg, col, ld, goffs, n_rows_band, win, geo, fold):
                 _run_copy(xg, s0, sw, col, d0, ow, vl)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _panel_columns(xg, col, goffs, n_rows_band, win, geo, pieces):
     """The columns of a band packed for the micro-kernel: column j of row k at
     ``col[(j // NR) * rows * NR + k * NR + j % NR]``, the last panel zero padded.
@@ -253,7 +253,7 @@ def _run_copy(xg, s0, sw, col, d0, n, vl):
 WIDE, GRID_COLUMNS, DIRECT_COLUMNS = 0, 1, 2
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _fill_source(xn, xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol):
     """Make the column rows of output rows [r0, r1) readable; return (j0, jb, ncol).
 
@@ -284,7 +284,7 @@ def _fill_source(xn, xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, oc
 # Kernels
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pack_weights(w, wpk, transpose, mr):
     # w (G, Mg, K): per group, W[g] (forward, Mg x K) or W[g].T (grad input, K x Mg) in MR-row panels
     mg, k = w.shape[1], w.shape[2]
@@ -300,6 +300,8 @@ def _pack_weights(w, wpk, transpose, mr):
 def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid, ogrid, mode, rt, n_bands,
                     mg, k, gstride, grid_len, col_len, ld, n_threads):
     # x (N, C, D, H, W); wpk (G, packed Mg x K); y (N, G*Mg, P); ws (T, >= grid + columns + Mg~*ld + tile)
+    x, wpk, bias, y, ws, boffs, goffs = (borrowed(x), borrowed(wpk), borrowed(bias), borrowed(y), borrowed(ws),
+                                         borrowed(boffs), borrowed(goffs))
     n_samples = x.shape[0]
     n_groups = wpk.shape[0]
     oh, ow = geo[13], geo[14]
@@ -360,6 +362,9 @@ def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, go
     # zeroed per-thread partials: db (T, G*Mg) of the bias grad, and of the weight grad either
     # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
     # not empty, per-lane sums of inner-product tiles (narrow layers)
+    gy, x, wtpk, dx, dwt, dwp, db, ws = (borrowed(gy), borrowed(x), borrowed(wtpk), borrowed(dx), borrowed(dwt),
+                                         borrowed(dwp), borrowed(db), borrowed(ws))
+    boffs, arows, dyoffs, goffs = borrowed(boffs), borrowed(arows), borrowed(dyoffs), borrowed(goffs)
     n_samples = x.shape[0]
     n_groups = wtpk.shape[0]
     oh, ow = geo[13], geo[14]
@@ -633,7 +638,7 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, ac
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _sum_partials(dwt, dwp, db, grad_w, grad_b):
     """Per-thread partials summed in a fixed thread order: ``grad_w`` (G, Mg, K), ``grad_b``.
 

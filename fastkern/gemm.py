@@ -69,6 +69,11 @@ DIRECT_SERIAL_WORK = 1 << 15
 
 
 _FAST = FMA
+# Kernels that never allocate are compiled with ``_nrt=False``: no reference
+# counting of their array arguments. Otherwise every call of a tile kernel
+# increments and decrements each array's refcount, five atomic calls in and
+# five out on cache lines both threads write, which measured as half the tile
+# loop's time at K <= 64 (and a third at K = 250).
 
 
 # --------------------------------------------------------------------------- #
@@ -110,6 +115,24 @@ def _stack_array(size_for):
 
 # The MR x NR accumulators of the micro-kernel.
 _register_tile = _stack_array(lambda dt: (MR_F32 if dt == types.float32 else MR_F64) * NR)
+
+
+@intrinsic
+def borrowed(typingctx, arr):
+    """``arr`` without its reference count: views of it cost no atomics.
+
+    For the arrays a parallel kernel receives: each slice taken inside its
+    loops would otherwise increment and decrement the refcount shared by all
+    threads. Only for use while the caller's ``arr`` is alive (a kernel's
+    arguments are).
+    """
+    def codegen(context, builder, sig, args):
+        src = make_array(arr)(context, builder, value=args[0])
+        src.meminfo = cgutils.get_null_value(src.meminfo.type)
+        src.parent = cgutils.get_null_value(src.parent.type)
+        return src._getvalue()
+
+    return arr(arr), codegen
 
 
 @intrinsic
@@ -189,7 +212,7 @@ def _flat_np(x):
 # --------------------------------------------------------------------------- #
 # Micro-kernel and write-back.
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, crs, alpha, beta, to_c):
     """One full MR x NR tile: ``acc[i, j] = sum_p A[aoff + row_a(i) + p*acs] * B[boff + row_b(p) + j]``.
 
@@ -209,7 +232,7 @@ def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, c
     acc = _register_tile(A)
     if to_c:  # C rows are far apart: start fetching them while the tile computes
         for i in range(mr):
-            for h in range(0, NR, 64 // C.itemsize):
+            for h in range(0, NR, _lanes(C)):
                 _prefetch_write(C, coff + i * crs + h)
     for x in range(mr * NR):
         acc[x] = 0
@@ -272,7 +295,7 @@ NARROW_MR = 16
 _narrow_registers = _stack_array(lambda dt: NARROW_MR * (64 * 8 // dt.bitwidth))
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, r_lo, r_hi, alpha, beta):
     """Rows [r_lo, r_hi) x cols [0, n) of the NARROW_MR x lanes tile ``A[aoff + i*ars + p*acs] @ bp``.
 
@@ -317,7 +340,7 @@ def _lanes_impl(x):
 _dot_registers = _stack_array(lambda dt: DOT_R * DOT_S * (64 * 8 // dt.bitwidth))
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def dot_tile(nvec, A, aoffs, B, boffs, P, poff):
     """``P[poff + (r*DOT_S + s)*VL + e] += sum_v A[aoffs[r] + v*VL + e] * B[boffs[s] + v*VL + e]``.
 
@@ -363,7 +386,7 @@ def dot_tile(nvec, A, aoffs, B, boffs, P, poff):
 # --------------------------------------------------------------------------- #
 # Packing.
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
     """Rows [0, mc) x cols [0, kc) of A (from aoff) into MR-row micro-panels, zero padded.
 
@@ -399,7 +422,7 @@ def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
                 panel[p * mr + i] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
     """kc x nr block of B (from boff) into one k-major NR-wide micro-panel, zero padded."""
     panel = buf[dst:]
@@ -425,7 +448,7 @@ def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
                 panel[p * NR + j] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pack_b(B, boff, brs, bcs, kc, nc, buf):
     for q in range(_cdiv(nc, NR)):
         _pack_b_panel(B, boff + q * NR * bcs, brs, bcs, kc, min(NR, nc - q * NR), buf, q * NR * kc)
@@ -434,7 +457,7 @@ def _pack_b(B, boff, brs, bcs, kc, nc, buf):
 # --------------------------------------------------------------------------- #
 # Macro-kernel and drivers.
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
     """C block (mc x nc at coff) = alpha * packed A block @ packed B panel + beta * C."""
     mr = _tile_rows(ap)
@@ -456,7 +479,7 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
 # scratch buffer, padded to whole MR x NR tiles, so every tile is stored
 # straight from registers; rows and columns past m and n are don't-cares.
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
     """C = packed A (m x k) @ B, with B row p at ``B[bbase + boffs[p]:]``, any offsets.
 
@@ -476,7 +499,7 @@ def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
                               C, ir * crs + jr, crs, one, beta, True)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def tiles_b_panels(m, n, k, ap, bp, bbase, pstride, C, crs, tile):
     """C = packed A (m x k) @ packed B: B panel q (k x NR, k-major) at ``bp[bbase + q*pstride:]``."""
     mr = _tile_rows(ap)
@@ -491,7 +514,7 @@ def tiles_b_panels(m, n, k, ap, bp, bbase, pstride, C, crs, tile):
                               None, tile, C, ir * crs + jr, crs, one, beta, True)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def tiles_a_rows(m, n, k, A, abase, arows, bp, C, crs, tile):
     """C += A @ packed B, with A row i at ``A[abase + arows[i]:]``, any offsets.
 
@@ -509,7 +532,7 @@ def tiles_a_rows(m, n, k, A, abase, arows, bp, C, crs, tile):
                               tile, C, ir * crs + jr, crs, one, one, True)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, alpha, beta):
     """Rows [i_lo, i_hi) of C from unpacked A and a fully packed B (k <= KC, m >= MR).
 
@@ -537,7 +560,7 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
                 _store_tile(tile, NR, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _scale(C, coff, crs, ccs, m, n, beta):
     for i in range(m):
         for j in range(n):
@@ -545,7 +568,7 @@ def _scale(C, coff, crs, ccs, m, n, beta):
             C[idx] = 0 if beta == 0 else beta * C[idx]
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _use_direct(m, n, k, mr):
     return k <= KC and m >= mr and n <= DIRECT_MAX_N
 
@@ -570,7 +593,7 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
                  alpha, beta, ap, bp, NC_SERIAL)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
                  alpha, beta, ap, bp, nc_max):
     """The blocked loops on one thread: B panels of KC x nc_max, A blocks of MC x KC."""

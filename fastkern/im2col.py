@@ -38,7 +38,7 @@ def _valid_range(off, s, n_in, n_out):
     return lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def gather_rows(x, col, c0, c1, r0, r1, geo):
     """im2col of channels [c0, c1) and output rows [r0, r1) of one sample.
 
@@ -83,7 +83,7 @@ def gather_rows(x, col, c0, c1, r0, r1, geo):
                             dst[ow] = zero
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def scatter_rows(dx, col, c0, c1, r0, r1, geo):
     """col2im of channels [c0, c1) and output rows [r0, r1): ``dx += fold(col)``.
 
