@@ -155,6 +155,17 @@ def _flat_view(typingctx, arr, start, length):
 
 
 @intrinsic
+def _claim(typingctx, counters, slot):
+    """Atomically take the next number from ``counters[slot]`` (int64): a work queue for prange."""
+    def codegen(context, builder, sig, args):
+        ary = make_array(counters)(context, builder, value=args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return types.int64(counters, types.intp), codegen
+
+
+@intrinsic
 def _prefetch_write(typingctx, arr, idx):
     """Hint the cache to fetch ``arr[idx]`` for writing (x86 ``prefetchw``)."""
 
@@ -603,7 +614,7 @@ def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, cc
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
-            bt = beta if pc == 0 else 1
+            bt = beta if pc == 0 else C.dtype.type(1)
             for ic in range(0, m, MC):
                 mc = min(MC, m - ic)
                 _pack_a(A, aoff + ic * ars + pc * acs, ars, acs, mc, kc, ap, mr)
@@ -611,38 +622,73 @@ def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, cc
                               crs, ccs, alpha, bt)
 
 
+@njit(fastmath=_FAST, cache=True, _nrt=False)
+def _claimed_row_blocks(claims, phase, ub, m, n, jc, nc, pc, kc, A, aoff, ars, acs, B, boff, brs, bcs, C,
+                        alpha, beta, ap, bp):
+    """One worker's share of a (jc, pc) block of C = A @ B: B's block packed, then row blocks
+    of ``ub`` rows taken from the shared counter until none are left."""
+    mr = _tile_rows(A)
+    _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
+    while True:
+        ic = _claim(claims, phase) * ub
+        if ic >= m:
+            return
+        mc = min(ub, m - ic)
+        _pack_a(A, aoff + ic * ars + pc * acs, ars, acs, mc, kc, ap, mr)
+        _macro_kernel(ap, bp, 0, kc, mc, nc, C, ic * n + jc, n, 1, alpha, beta)
+
+
 @njit(fastmath=_FAST, parallel=True, cache=True)
 def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta,
                         abufs, bbufs, nthreads):
     """GEMM on ``nthreads`` threads into C-contiguous flat C (m x n); k >= 1.
 
-    C is cut into ``nthreads`` slabs (of rows, or of columns when M is the
-    smaller side) and each worker runs on its slab with its own packing
-    buffers: one parallel region per call and no barrier inside, so a worker
-    delayed by another process does not stall the others at every block.
-    Packing the shared operand once per worker costs K*N (or M*K) copies,
-    small next to the 2*M*N*K flops. Small or skinny shapes whose K fits one
-    block take the direct path: B packed whole, rows of A read in place.
-    One entry point serves every shape and thread count (small products call
-    it with one thread), so a first call compiles one driver, not three.
+    The blocked loops go over (NC-column, KC-deep) blocks of C in turn; in
+    each, every worker packs the block's B and then takes blocks of rows from
+    a shared atomic counter until none are left. Rows are handed out as they
+    are asked for, not split in fixed halves, because a core shared with
+    another process then does less of the work instead of holding up the
+    other. Which worker computes a row block does not change its arithmetic,
+    so results stay deterministic. Packing B once per worker costs K*N
+    copies, small next to the 2*M*N*K flops.
+
+    Where N spans many more tiles than M (or on one thread) each worker owns a
+    fixed slab of columns (rows) and runs the whole blocked loop on it: B is
+    then packed once in total. Small or skinny shapes whose K fits one block
+    take the direct path: B packed whole, rows of A read in place. One entry
+    point serves every shape and thread count, so a first call compiles one
+    driver, not three.
     """
     mr = _tile_rows(A)
     direct = _use_direct(m, n, k, mr)
     by_rows = direct or _cdiv(m, mr) >= _cdiv(n, NR)
+    shared = by_rows and not direct and nthreads > 1
+    n_kc = _cdiv(k, KC)
+    n_phases = _cdiv(n, NC) * n_kc if shared else 1
+    ub = min(MC, _cdiv(_cdiv(m, 4 * nthreads), mr) * mr)  # at least 4 row blocks per worker
+    claims = np.zeros(n_phases, np.int64)
+    one = C.dtype.type(1)
     unit = NARROW_MR if direct else mr if by_rows else NR
     units = _cdiv(m if by_rows else n, unit)
     per = _cdiv(units, nthreads) * unit
-    for w in prange(nthreads):
-        lo = w * per
-        if direct and lo < m:
-            _pack_b(B, boff, brs, bcs, k, n, bbufs[w])
-            _direct_rows(lo, min(m, lo + per), m, n, k, A, aoff, ars, acs, bbufs[w], C, 0, n, 1, alpha, beta)
-        elif by_rows and lo < m:
-            _gemm_packed(min(per, m - lo), n, k, A, aoff + lo * ars, ars, acs, B, boff, brs, bcs,
-                         C, lo * n, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
-        elif not by_rows and lo < n:
-            _gemm_packed(m, min(per, n - lo), k, A, aoff, ars, acs, B, boff + lo * bcs, brs, bcs,
-                         C, lo, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
+    for phase in range(n_phases):
+        jc = (phase // n_kc) * NC
+        pc = (phase % n_kc) * KC
+        for w in prange(nthreads):
+            lo = w * per
+            if shared:
+                _claimed_row_blocks(claims, phase, ub, m, n, jc, min(NC, n - jc), pc, min(KC, k - pc),
+                                    A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta if pc == 0 else one,
+                                    abufs[w], bbufs[w])
+            elif direct and lo < m:
+                _pack_b(B, boff, brs, bcs, k, n, bbufs[w])
+                _direct_rows(lo, min(m, lo + per), m, n, k, A, aoff, ars, acs, bbufs[w], C, 0, n, 1, alpha, beta)
+            elif by_rows and lo < m:
+                _gemm_packed(min(per, m - lo), n, k, A, aoff + lo * ars, ars, acs, B, boff, brs, bcs,
+                             C, lo * n, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
+            elif not by_rows and lo < n:
+                _gemm_packed(m, min(per, n - lo), k, A, aoff, ars, acs, B, boff + lo * bcs, brs, bcs,
+                             C, lo, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
 
 
 @njit(cache=True, nogil=True)
@@ -659,7 +705,7 @@ def gemm_serial(a, b, c, alpha, beta):
                       alpha, beta)
 
 
-for _d in (gemm_serial, _gemm_flat_parallel, _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
+for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
            _pack_a, _pack_b_panel, _pack_b, tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
 
