@@ -31,10 +31,12 @@ The weight gradient reads both operands along the output positions: with few
 output channels through inner-product tiles (``gemm.dot_tile``), otherwise as
 ``dW[g].T = cols @ dy.T`` with dy transposed into NR-channel panels.
 
-Threads own whole samples (the forward also splits a sample into bands when
-there are fewer samples than threads), so nothing is written by two threads:
-grad weight goes into per-thread partials, summed at the end, and results are
-deterministic for a given thread count.
+The forward hands out samples (or bands of one, when there are fewer samples
+than threads) from a shared atomic counter as threads come free, so a core
+slowed by another process does less of the work. The backward gives each
+thread a fixed share of the samples, so grad weight goes into per-thread
+partials summed in a fixed order and results are deterministic for a given
+thread count. Nothing is written by two threads.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain
 from ._codegen import vectorized
-from .gemm import (DOT_R, DOT_S, NR, _cdiv, _lanes, _mr, _pack_a, _stack_array, _tile_rows, borrowed, dot_tile,
+from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tile_rows, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .threads import get_num_threads
@@ -309,6 +311,9 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
     mr = _tile_rows(x)
     mgp = _round_up(mg, mr)
     n_items = n_samples * n_bands
+    unit = n_bands if n_samples >= 2 * n_threads else 1  # whole samples when there are enough
+    n_units = _cdiv(n_items, unit)
+    claims = np.zeros(1, np.int64)
     zero = y.dtype.type(0)
     for t in prange(n_threads):
         buf = ws[t]
@@ -322,37 +327,41 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
         pieces = np.empty((3, NR), np.int64)
         xg[:] = zero  # the grid's borders: each sample then overwrites the interior only
         current = -1
-        for it in range(t * n_items // n_threads, (t + 1) * n_items // n_threads):
-            n = it // n_bands
-            r0 = (it - n * n_bands) * rt
-            r1 = min(r0 + rt, rows)
-            if mode != DIRECT_COLUMNS and n != current:
-                _grid_copy(x[n], xg, geo, grid, True)
-                current = n
-            if mode == GRID_COLUMNS:
-                j0, ncol = _band_rows(r0, r1, geo, grid, ogrid, win, ocol)
-                _panel_columns(xg, col, goffs, r1 - r0, win, geo, pieces)
-            else:
-                j0, jb, ncol = _fill_source(x[n], xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol)
-            for g in range(n_groups):
+        while True:  # samples (or bands) from a shared counter: a slowed core takes fewer
+            u = _claim(claims, 0)
+            if u >= n_units:
+                break
+            for it in range(u * unit, min(n_items, (u + 1) * unit)):
+                n = it // n_bands
+                r0 = (it - n * n_bands) * rt
+                r1 = min(r0 + rt, rows)
+                if mode != DIRECT_COLUMNS and n != current:
+                    _grid_copy(x[n], xg, geo, grid, True)
+                    current = n
                 if mode == GRID_COLUMNS:
-                    tiles_b_panels(mg, ncol, k, wpk[g], col, g * k * NR, goffs.size * NR, cbuf, ld, tile)
+                    j0, ncol = _band_rows(r0, r1, geo, grid, ogrid, win, ocol)
+                    _panel_columns(xg, col, goffs, r1 - r0, win, geo, pieces)
                 else:
-                    tiles_b_rows(mg, ncol, k, wpk[g], src, g * gstride + jb, boffs, cbuf, ld, tile)
-                for co in range(mg):
-                    bv = bias[g * mg + co] if has_bias else zero
-                    yrow = y[n, g * mg + co]
-                    for rr in range(r1 - r0):
-                        c0 = co * ld + ocol[rr]
-                        res = cbuf[c0:c0 + ow]
-                        dst = yrow[(r0 + rr) * ow:(r0 + rr + 1) * ow]
-                        if relu:  # fused: one pass over y instead of two
-                            for e in range(ow):
-                                v = res[e] + bv
-                                dst[e] = zero if v < 0 else v  # NaN passes through, as in torch
-                        else:
-                            for e in range(ow):
-                                dst[e] = res[e] + bv
+                    j0, jb, ncol = _fill_source(x[n], xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol)
+                for g in range(n_groups):
+                    if mode == GRID_COLUMNS:
+                        tiles_b_panels(mg, ncol, k, wpk[g], col, g * k * NR, goffs.size * NR, cbuf, ld, tile)
+                    else:
+                        tiles_b_rows(mg, ncol, k, wpk[g], src, g * gstride + jb, boffs, cbuf, ld, tile)
+                    for co in range(mg):
+                        bv = bias[g * mg + co] if has_bias else zero
+                        yrow = y[n, g * mg + co]
+                        for rr in range(r1 - r0):
+                            c0 = co * ld + ocol[rr]
+                            res = cbuf[c0:c0 + ow]
+                            dst = yrow[(r0 + rr) * ow:(r0 + rr + 1) * ow]
+                            if relu:  # fused: one pass over y instead of two
+                                for e in range(ow):
+                                    v = res[e] + bv
+                                    dst[e] = zero if v < 0 else v  # NaN passes through, as in torch
+                            else:
+                                for e in range(ow):
+                                    dst[e] = res[e] + bv
 
 
 @njit(parallel=True, cache=True)
