@@ -115,6 +115,20 @@ def test_result_independent_of_thread_count(dtype):
         np.testing.assert_allclose(one, two, rtol=0, atol=_tol(np.dtype(dtype), k))
 
 
+def test_repeated_calls_are_bitwise_identical_whichever_thread_takes_a_block():
+    # row blocks go to whichever thread asks first; the arithmetic of each block must not change
+    if max_threads() < 2:
+        pytest.skip("needs 2 threads")
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((1000, 600)).astype(np.float32)
+    b = rng.standard_normal((600, 300)).astype(np.float32)
+    with fastkern.threads(2):
+        first = fastkern.matmul(a, b)
+        for _ in range(5):
+            np.testing.assert_array_equal(fastkern.matmul(a, b), first)
+    np.testing.assert_allclose(first, a.astype(np.float64) @ b, rtol=0, atol=_tol(np.dtype(np.float32), 600, 4))
+
+
 @njit
 def _call_gemm_serial(a, b, c, alpha, beta):
     gemm.gemm_serial(a, b, c, alpha, beta)
