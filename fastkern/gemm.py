@@ -53,6 +53,8 @@ _MATMUL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # micro-panels of B passing through. L3 (32 MiB, shared): each worker's
 # KC x NC panel of B (4 MiB float32). KC also sets how often C is re-read
 # (K/KC passes), so it is as large as L1 allows.
+# float64 uses KC/2 in the packed path (_k_block): its NR-wide micro-panel
+# is twice as wide in bytes.
 NR = 32
 MR_F32, MR_F64 = 8, 4
 KC = 256
@@ -87,6 +89,17 @@ def _tile_rows(x):
 def _tile_rows_impl(x):
     mr = MR_F32 if x.dtype == types.float32 else MR_F64
     return lambda x: mr
+
+
+def _k_block(x):
+    """K block of the packed path for the dtype of ``x``: KC float32, KC/2 float64, so the
+    KC x NR micro-panel of B is 32 KiB either way and stays in L1 (64 KiB float64 did not)."""
+
+
+@overload(_k_block, inline="always")
+def _k_block_impl(x):
+    kc = KC * 32 // x.dtype.bitwidth
+    return lambda x: kc
 
 
 def _stack_array(size_for):
@@ -597,7 +610,7 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
         _pack_b(B, boff, brs, bcs, k, n, bp)
         _direct_rows(0, m, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, alpha, beta)
         return
-    kcm = min(k, KC)
+    kcm = min(k, _k_block(A))
     ap = np.empty(_cdiv(min(m, MC), mr) * mr * kcm, A.dtype)
     bp = np.empty(_cdiv(min(n, NC_SERIAL), NR) * NR * kcm, A.dtype)
     _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
@@ -609,10 +622,11 @@ def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, cc
                  alpha, beta, ap, bp, nc_max):
     """The blocked loops on one thread: B panels of KC x nc_max, A blocks of MC x KC."""
     mr = _tile_rows(A)
+    kb = _k_block(A)
     for jc in range(0, n, nc_max):
         nc = min(nc_max, n - jc)
-        for pc in range(0, k, KC):
-            kc = min(KC, k - pc)
+        for pc in range(0, k, kb):
+            kc = min(kb, k - pc)
             _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
             bt = beta if pc == 0 else C.dtype.type(1)
             for ic in range(0, m, MC):
@@ -663,7 +677,8 @@ def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha,
     direct = _use_direct(m, n, k, mr)
     by_rows = direct or _cdiv(m, mr) >= _cdiv(n, NR)
     shared = by_rows and not direct and nthreads > 1
-    n_kc = _cdiv(k, KC)
+    kb = _k_block(A)
+    n_kc = _cdiv(k, kb)
     n_phases = _cdiv(n, NC) * n_kc if shared else 1
     ub = min(MC, _cdiv(_cdiv(m, 4 * nthreads), mr) * mr)  # at least 4 row blocks per worker
     claims = np.zeros(n_phases, np.int64)
@@ -673,11 +688,11 @@ def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha,
     per = _cdiv(units, nthreads) * unit
     for phase in range(n_phases):
         jc = (phase // n_kc) * NC
-        pc = (phase % n_kc) * KC
+        pc = (phase % n_kc) * kb
         for w in prange(nthreads):
             lo = w * per
             if shared:
-                _claimed_row_blocks(claims, phase, ub, m, n, jc, min(NC, n - jc), pc, min(KC, k - pc),
+                _claimed_row_blocks(claims, phase, ub, m, n, jc, min(NC, n - jc), pc, min(kb, k - pc),
                                     A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta if pc == 0 else one,
                                     abufs[w], bbufs[w])
             elif direct and lo < m:
