@@ -155,10 +155,15 @@ def memoize_plain(fn, maxsize: int = 512):
         if not all(plain(a) for a in args):
             return fn(*args)
         hit = cache.get(args)
-        if hit is None:
-            if len(cache) >= maxsize:
-                cache.clear()
-            hit = cache[args] = fn(*args)
-        return hit
+        return remember(cache, args, fn(*args), maxsize) if hit is None else hit
 
     return cached
+
+
+def remember(cache: dict, key, value, maxsize: int = 512):
+    """``cache[key] = value`` (unless ``key`` is None), emptying a full cache first; returns ``value``."""
+    if key is not None:
+        if len(cache) >= maxsize:
+            cache.clear()
+        cache[key] = value
+    return value

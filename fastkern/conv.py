@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._checks import check_array, check_same_dtype, plain
+from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized
 from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tile_rows, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
@@ -562,7 +562,6 @@ def _round_up_py(a, b):
 # (_checks.plain), shapes and dtypes, so an entry is reused only for a call
 # that validates identically.
 _CALLS: dict = {}
-_CALLS_MAX = 512
 
 
 def _call_key(arrays, params):
@@ -581,14 +580,6 @@ def _call_key(arrays, params):
     return tuple(sig) + tuple(params)
 
 
-def _remember(key, value):
-    if key is not None:
-        if len(_CALLS) >= _CALLS_MAX:
-            _CALLS.clear()
-        _CALLS[key] = value
-    return value
-
-
 class _Call:
     """Everything a conv call derives from shapes and arguments: checked once per signature."""
 
@@ -597,7 +588,7 @@ class _Call:
             nd, x, weight, bias, stride, padding, dilation, groups, op)
         n, c_in = x.shape[:2]
         c_out = weight.shape[0]
-        self.dtype, self.out = dtype, out
+        self.dtype = dtype
         self.x5_shape = (n, c_in) + lift3(x.shape[2:], 1)
         self.w3_shape = (groups, c_out // groups, weight.shape[1] * int(np.prod(kernel)))
         self.geo = make_geo(lift3(kernel, 1), lift3(stride, 1), lift3(pad_lo, 0), lift3(dilation, 1),
@@ -634,7 +625,7 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, ac
     key = _call_key((x, weight, bias), (nd, stride, padding, dilation, groups))
     call = _CALLS.get(key) if key is not None else None
     if call is None:
-        call = _remember(key, _Call(nd, x, weight, bias, stride, padding, dilation, groups, op, False))
+        call = remember(_CALLS, key, _Call(nd, x, weight, bias, stride, padding, dilation, groups, op, False))
     y = np.empty(call.y_shape, dtype=call.dtype)
     plan = call.plan
     if y.size == 0:
@@ -702,7 +693,7 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         check_same_dtype(grad_y=grad_y, x=x, weight=weight)
         if grad_y.shape != call.y_shape:
             raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {call.y_shape}")
-        _remember(key, call)
+        remember(_CALLS, key, call)
     dtype, plan = call.dtype, call.plan
     n = x.shape[0]
     n_groups, mg, k = call.w3_shape
