@@ -299,6 +299,17 @@ def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, c
 @njit(fastmath=_FAST, inline="always")
 def _store_tile(tile, ld, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
     """C[coff + i*crs + j*ccs] = alpha*tile[i*ld + j] + beta*C for tile rows [i_lo, i_hi), cols [0, nr)."""
+    if ccs == 1:  # rows contiguous: plain stores (a run-time column stride made LLVM scatter)
+        for i in range(i_lo, i_hi):
+            row = C[np.uintp(coff + i * crs):]
+            src = tile[np.uintp(i * ld):]
+            if beta == 0:
+                for j in range(nr):
+                    row[j] = alpha * src[j]
+            else:
+                for j in range(nr):
+                    row[j] = alpha * src[j] + beta * row[j]
+        return
     for i in range(i_lo, i_hi):
         row = coff + i * crs
         if beta == 0:  # C may hold garbage or NaN: never read it
@@ -312,9 +323,11 @@ def _store_tile(tile, ld, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
 # --------------------------------------------------------------------------- #
 # Narrow tile: outputs with at most one vector of columns (a CNN's first
 # layers, N = 6 or 16 channels) waste most of an NR-wide tile. NARROW_MR rows
-# x one vector instead: 16 accumulators, NARROW_MR broadcasts and one load of
-# B per step, so the work per row falls by NR / lanes.
-NARROW_MR = 16
+# x one vector instead: NARROW_MR broadcasts and one load of B per step, so the
+# work per row falls by NR / lanes. Eight accumulators cover the FMA latency
+# (4 cycles x 2 per cycle); at 16 rows LLVM vectorized the row loop instead,
+# left the accumulators in memory and gathered them, 5x slower.
+NARROW_MR = 8
 
 _narrow_registers = _stack_array(lambda dt: NARROW_MR * (64 * 8 // dt.bitwidth))
 
