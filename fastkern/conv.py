@@ -44,7 +44,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
-from ._codegen import vectorized
+from ._codegen import vectorized, zeros
 from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tile_rows, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
@@ -322,7 +322,7 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
     n_items = n_samples * n_bands
     unit = n_bands if n_samples >= 2 * n_threads else 1  # whole samples when there are enough
     n_units = _cdiv(n_items, unit)
-    claims = np.zeros(1, np.int64)
+    claims = zeros(1, np.int64)
     zero = y.dtype.type(0)
     for t in prange(n_threads):
         buf = ws[t]

@@ -26,7 +26,8 @@ signature per dtype serves C-ordered, transposed and strided views alike:
 * driver: one parallel entry point splits the rows of C (and, when they are
   too few, the columns) among threads; small or skinny shapes whose K fits
   one block skip packing A (the direct path), outputs of at most one vector
-  of columns use a 16-row narrow tile.
+  of columns use an 8-row narrow tile. Products below SERIAL_WORK run on a
+  serial driver instead: waking the thread pool would cost more than it saves.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
-from ._checks import check_no_overlap, check_out, check_scalar
-from ._codegen import FMA, vectorized
+from ._checks import check_out, check_scalar, overlaps
+from ._codegen import FMA, vectorized, zeros
 from .threads import get_num_threads
 
 _MATMUL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -64,10 +65,11 @@ NC = 4096
 # per-call scratch stays small: KC x NC_SERIAL is 128 KiB float32.
 NC_SERIAL = 128
 # The direct driver (no packing of A) is used when K fits one block and the
-# output is narrow or small; below DIRECT_SERIAL_WORK multiply-adds one
-# thread is faster than waking the pool.
+# output is narrow or small. Below SERIAL_WORK multiply-adds one thread is
+# faster than waking the pool: a parallel launch costs about 5 us, the time
+# of 500k multiply-adds on the other core.
 DIRECT_MAX_N = 512
-DIRECT_SERIAL_WORK = 1 << 15
+SERIAL_WORK = 1 << 19
 
 
 _FAST = FMA
@@ -569,12 +571,33 @@ def tiles_a_rows(m, n, k, A, abase, arows, bp, C, crs, tile):
                               tile, C, ir * crs + jr, crs, one, one, True)
 
 
-@njit(fastmath=_FAST, cache=True, _nrt=False)
-def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, alpha, beta):
-    """Rows [i_lo, i_hi) of C from unpacked A and a fully packed B (k <= KC, m >= MR).
+@njit(inline="always")
+def _in_place_cols(n, bcs):
+    """Columns of B the direct path reads in place: whole NR tiles of a row-contiguous B."""
+    return n // NR * NR if bcs == 1 else 0
 
-    A ragged last row block is shifted up to end at row m (all rows valid,
-    nothing to pad); only its new rows are written.
+
+@njit(cache=True, _nrt=False)
+def _direct_pack(B, boff, brs, bcs, k, n, bp, rows):
+    """Prepare B for _direct_rows: pack the columns it cannot read in place (from
+    ``_in_place_cols``), and fill ``rows`` (k entries) with the offsets of B's rows."""
+    n0 = _in_place_cols(n, bcs)
+    if n0 < n:
+        _pack_b(B, boff + n0 * bcs, brs, bcs, k, n - n0, bp)
+    for p in range(k):
+        rows[p] = p * brs
+
+
+@njit(fastmath=_FAST, cache=True, _nrt=False)
+def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp, C, coff, crs, ccs, alpha, beta):
+    """Rows [i_lo, i_hi) of C from unpacked A and B (k <= KC, m >= MR), prepared by _direct_pack.
+
+    Whole NR-column tiles of a row-contiguous B are read in place through the
+    row offsets ``brows``, as every row block reuses them from L1; the rest of
+    B comes packed in ``bp``. Packing all of B cost a quarter of a 100^3
+    product, and each thread would pack it again. A ragged last row block is
+    shifted up to end at row m (all rows valid, nothing to pad); only its new
+    rows are written.
     """
     mr = _tile_rows(A)
     tile = _register_tile(A)
@@ -584,6 +607,7 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
             _micro_kernel_narrow(k, A, aoff + i0 * ars, ars, acs, bp, tile, C, coff + i0 * crs, crs, ccs,
                                  n, ir - i0, min(ir + NARROW_MR, i_hi) - i0, alpha, beta)
         return
+    n0 = _in_place_cols(n, bcs)
     for jr in range(0, n, NR):
         nr = min(NR, n - jr)
         for ir in range(i_lo, i_hi, mr):
@@ -591,8 +615,12 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, 
             i_end = min(ir + mr, i_hi)
             cij = coff + i0 * crs + jr * ccs
             to_c = ccs == 1 and i0 == ir and i_end == ir + mr and nr == NR
-            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, bp, jr * k, None, tile, C, cij, crs,
-                          alpha, beta, to_c)
+            if jr < n0:
+                _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, B, boff + jr, brows, tile, C, cij, crs,
+                              alpha, beta, to_c)
+            else:
+                _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, bp, (jr - n0) * k, None, tile, C, cij, crs,
+                              alpha, beta, to_c)
             if not to_c:
                 _store_tile(tile, NR, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
 
@@ -620,8 +648,9 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
     mr = _tile_rows(A)
     if _use_direct(m, n, k, mr):
         bp = np.empty(k * _cdiv(n, NR) * NR, A.dtype)
-        _pack_b(B, boff, brs, bcs, k, n, bp)
-        _direct_rows(0, m, m, n, k, A, aoff, ars, acs, bp, C, coff, crs, ccs, alpha, beta)
+        brows = np.empty(k, np.int64)
+        _direct_pack(B, boff, brs, bcs, k, n, bp, brows)
+        _direct_rows(0, m, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp, C, coff, crs, ccs, alpha, beta)
         return
     kcm = min(k, _k_block(A))
     ap = np.empty(_cdiv(min(m, MC), mr) * mr * kcm, A.dtype)
@@ -694,7 +723,8 @@ def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha,
     n_kc = _cdiv(k, kb)
     n_phases = _cdiv(n, NC) * n_kc if shared else 1
     ub = min(MC, _cdiv(_cdiv(m, 4 * nthreads), mr) * mr)  # at least 4 row blocks per worker
-    claims = np.zeros(n_phases, np.int64)
+    claims = zeros(n_phases, np.int64)
+    brows = np.empty((nthreads, k if direct else 0), np.int64)  # each worker's B row offsets
     one = C.dtype.type(1)
     unit = NARROW_MR if direct else mr if by_rows else NR
     units = _cdiv(m if by_rows else n, unit)
@@ -709,8 +739,9 @@ def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha,
                                     A, aoff, ars, acs, B, boff, brs, bcs, C, alpha, beta if pc == 0 else one,
                                     abufs[w], bbufs[w])
             elif direct and lo < m:
-                _pack_b(B, boff, brs, bcs, k, n, bbufs[w])
-                _direct_rows(lo, min(m, lo + per), m, n, k, A, aoff, ars, acs, bbufs[w], C, 0, n, 1, alpha, beta)
+                _direct_pack(B, boff, brs, bcs, k, n, bbufs[w], brows[w])
+                _direct_rows(lo, min(m, lo + per), m, n, k, A, aoff, ars, acs, B, boff, bcs, brows[w], bbufs[w],
+                             C, 0, n, 1, alpha, beta)
             elif by_rows and lo < m:
                 _gemm_packed(min(per, m - lo), n, k, A, aoff + lo * ars, ars, acs, B, boff, brs, bcs,
                              C, lo * n, n, 1, alpha, beta, abufs[w], bbufs[w], NC)
@@ -734,7 +765,7 @@ def gemm_serial(a, b, c, alpha, beta):
 
 
 for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
-           _pack_a, _pack_b_panel, _pack_b, tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
+           _pack_a, _pack_b_panel, _pack_b, _direct_pack, tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
 
 
@@ -785,12 +816,13 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
         return out
     fa, aoff, ars, acs = _flat_np(a)
     fb, boff, brs, bcs = _flat_np(b)
+    if m * n * k <= SERIAL_WORK:
+        _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, 0, n, 1, alpha, beta)
+        return out
     mr = _mr(out.dtype)
     nthreads = get_num_threads()
     if k <= KC and m >= mr and n <= DIRECT_MAX_N:  # the direct path (_use_direct)
         a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
-        if m * n * k <= DIRECT_SERIAL_WORK:
-            nthreads = 1
     else:
         kc = min(k, KC)
         a_elems, b_elems = _cdiv_py(min(m, MC), mr) * mr * kc, _cdiv_py(min(n, NC), NR) * NR * kc
@@ -842,15 +874,18 @@ def matmul(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)
         beta = 0.0
     else:
         check_out(out, (m, n), a.dtype)
-        check_no_overlap(out, a=a, b=b)
+        for name, x in (("a", a), ("b", b)):
+            if overlaps(out, x):
+                raise ValueError(f"out overlaps input {name}; pass a separate output array")
     if m == 0 or n == 0:
         return out
     return gemm_into(opa, opb, out, alpha, beta)
 
 
 def _warmup(dtype):
-    """Compile (or load from cache) the kernels matmul uses for ``dtype`` (one driver, both paths)."""
+    """Compile (or load from cache) the kernels matmul uses for ``dtype``: the parallel driver
+    (one for every shape) and the serial one of small products."""
     dtype = np.dtype(dtype).type
-    x = np.ones((MR_F32, KC + 1), dtype)
-    gemm_into(x, x.T, np.empty((MR_F32, MR_F32), dtype))  # packed
-    gemm_into(x[:, :4], x[:, :4].T, np.empty((MR_F32, MR_F32), dtype))  # direct
+    x = np.ones((64, KC + 1), dtype)
+    gemm_into(x, x.T, np.empty((64, 64), dtype))  # parallel
+    gemm_into(x[:8, :4], x[:8, :4].T, np.empty((8, 8), dtype))  # serial

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, check_shape, check_vector
+from ._codegen import zeros
 from .gemm import gemm_into
 
 # Rows of grad_y summed by one prange iteration of the bias gradient. A chunk of
@@ -36,7 +37,7 @@ def _column_sums(g, out):
     """out[j] = sum_i g[i, j], accumulated in float64."""
     n, m = g.shape
     nchunks = (n + _BIAS_ROW_CHUNK - 1) // _BIAS_ROW_CHUNK
-    partial = np.zeros((nchunks, m), np.float64)
+    partial = zeros((nchunks, m), np.float64)
     for b in prange(nchunks):
         acc = partial[b]
         for i in range(b * _BIAS_ROW_CHUNK, min(n, (b + 1) * _BIAS_ROW_CHUNK)):

@@ -27,6 +27,7 @@ from ._checks import (
     check_vector,
     check_writeable,
 )
+from ._codegen import zeros
 
 # Reassociation lets LLVM vectorize the float64 sums. The compiled order is
 # fixed, so results stay deterministic; NaN/Inf semantics are kept.
@@ -80,8 +81,8 @@ def _bn_train_stats_rows(x, gamma, beta, running_mean, running_var, update, mome
                          save_mean, save_invstd, scale, shift):
     n, nc = x.shape
     nchunks = (n + _ROW_CHUNK - 1) // _ROW_CHUNK
-    means = np.zeros((nchunks, nc), np.float64)
-    m2s = np.zeros((nchunks, nc), np.float64)
+    means = zeros((nchunks, nc), np.float64)
+    m2s = zeros((nchunks, nc), np.float64)
     for b in prange(nchunks):
         r0, r1 = b * _ROW_CHUNK, min(n, (b + 1) * _ROW_CHUNK)
         m, m2 = means[b], m2s[b]
@@ -178,8 +179,8 @@ def _bn_backward_sums_rows(grad_y, x, gamma, save_mean, save_invstd, training,
                            grad_gamma, grad_beta, coef_gy, coef_xmu, coef_const):
     n, nc = x.shape
     nchunks = (n + _ROW_CHUNK - 1) // _ROW_CHUNK
-    sgs = np.zeros((nchunks, nc), np.float64)
-    sgxs = np.zeros((nchunks, nc), np.float64)
+    sgs = zeros((nchunks, nc), np.float64)
+    sgxs = zeros((nchunks, nc), np.float64)
     mean = save_mean.astype(np.float64)
     for b in prange(nchunks):
         sg, sgx = sgs[b], sgxs[b]

@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_out, check_same_dtype, check_scalar, check_shape, check_writeable
+from ._codegen import zeros
 
 _BLOCK = 16384  # elements per prange iteration (L1/L2-sized); the count depends only on w.size
 _FM = {"reassoc", "contract", "nsz", "arcp"}
@@ -42,8 +43,8 @@ def _penalty_sums(w):
     """(sum |w|, sum w^2) in float64."""
     n = w.shape[0]
     nblocks = (n + _BLOCK - 1) // _BLOCK
-    abs_part = np.zeros(nblocks, np.float64)
-    sq_part = np.zeros(nblocks, np.float64)
+    abs_part = zeros(nblocks, np.float64)
+    sq_part = zeros(nblocks, np.float64)
     for b in prange(nblocks):
         sa = 0.0
         sq = 0.0
