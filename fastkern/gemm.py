@@ -580,12 +580,14 @@ def _in_place_cols(n, bcs):
 @njit(cache=True, _nrt=False)
 def _direct_pack(B, boff, brs, bcs, k, n, bp, rows):
     """Prepare B for _direct_rows: pack the columns it cannot read in place (from
-    ``_in_place_cols``), and fill ``rows`` (k entries) with the offsets of B's rows."""
+    ``_in_place_cols``), and fill ``rows`` (2k entries) with the offsets of B's rows
+    and then of the packed micro-panels' rows."""
     n0 = _in_place_cols(n, bcs)
     if n0 < n:
         _pack_b(B, boff + n0 * bcs, brs, bcs, k, n - n0, bp)
     for p in range(k):
         rows[p] = p * brs
+        rows[k + p] = p * NR
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
@@ -593,8 +595,8 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp
     """Rows [i_lo, i_hi) of C from unpacked A and B (k <= KC, m >= MR), prepared by _direct_pack.
 
     Whole NR-column tiles of a row-contiguous B are read in place through the
-    row offsets ``brows``, as every row block reuses them from L1; the rest of
-    B comes packed in ``bp``. Packing all of B cost a quarter of a 100^3
+    row offsets ``brows[:k]``, as every row block reuses them from L1; the rest
+    of B comes packed in ``bp``, its rows at ``brows[k:]``. Packing all of B cost a quarter of a 100^3
     product, and each thread would pack it again. A ragged last row block is
     shifted up to end at row m (all rows valid, nothing to pad); only its new
     rows are written.
@@ -615,12 +617,10 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp
             i_end = min(ir + mr, i_hi)
             cij = coff + i0 * crs + jr * ccs
             to_c = ccs == 1 and i0 == ir and i_end == ir + mr and nr == NR
-            if jr < n0:
-                _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, B, boff + jr, brows, tile, C, cij, crs,
-                              alpha, beta, to_c)
-            else:
-                _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, bp, (jr - n0) * k, None, tile, C, cij, crs,
-                              alpha, beta, to_c)
+            # one call site for both sources: each inlined copy of the tile costs seconds of compile
+            src, off, rows = (B, boff + jr, brows[:k]) if jr < n0 else (bp, (jr - n0) * k, brows[k:])
+            _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, src, off, rows, tile, C, cij, crs,
+                          alpha, beta, to_c)
             if not to_c:
                 _store_tile(tile, NR, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
 
@@ -648,7 +648,7 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
     mr = _tile_rows(A)
     if _use_direct(m, n, k, mr):
         bp = np.empty(k * _cdiv(n, NR) * NR, A.dtype)
-        brows = np.empty(k, np.int64)
+        brows = np.empty(2 * k, np.int64)
         _direct_pack(B, boff, brs, bcs, k, n, bp, brows)
         _direct_rows(0, m, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp, C, coff, crs, ccs, alpha, beta)
         return
@@ -724,7 +724,7 @@ def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha,
     n_phases = _cdiv(n, NC) * n_kc if shared else 1
     ub = min(MC, _cdiv(_cdiv(m, 4 * nthreads), mr) * mr)  # at least 4 row blocks per worker
     claims = zeros(n_phases, np.int64)
-    brows = np.empty((nthreads, k if direct else 0), np.int64)  # each worker's B row offsets
+    brows = np.empty((nthreads, 2 * k if direct else 0), np.int64)  # each worker's B row offsets
     one = C.dtype.type(1)
     unit = NARROW_MR if direct else mr if by_rows else NR
     units = _cdiv(m if by_rows else n, unit)
