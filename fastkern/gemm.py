@@ -66,8 +66,8 @@ NC = 4096
 NC_SERIAL = 128
 # The direct driver (no packing of A) is used when K fits one block and the
 # output is narrow or small. Below SERIAL_WORK multiply-adds one thread is
-# faster than waking the pool: a parallel launch costs about 5 us, the time
-# of 500k multiply-adds on the other core.
+# faster than waking the pool: a parallel launch costs 3-5 us, what the other
+# core would save on about 500k multiply-adds.
 DIRECT_MAX_N = 512
 SERIAL_WORK = 1 << 19
 
@@ -595,11 +595,11 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp
     """Rows [i_lo, i_hi) of C from unpacked A and B (k <= KC, m >= MR), prepared by _direct_pack.
 
     Whole NR-column tiles of a row-contiguous B are read in place through the
-    row offsets ``brows[:k]``, as every row block reuses them from L1; the rest
-    of B comes packed in ``bp``, its rows at ``brows[k:]``. Packing all of B cost a quarter of a 100^3
-    product, and each thread would pack it again. A ragged last row block is
-    shifted up to end at row m (all rows valid, nothing to pad); only its new
-    rows are written.
+    row offsets ``brows[:k]``, as every row block reuses them from L1; the
+    rest of B comes packed in ``bp``, its rows at ``brows[k:]``. Packing all
+    of B cost a quarter of a 100^3 product, and each thread packed it again.
+    A ragged last row block is shifted up to end at row m (all rows valid,
+    nothing to pad); only its new rows are written.
     """
     mr = _tile_rows(A)
     tile = _register_tile(A)

@@ -75,6 +75,21 @@ def test_matmul_cnn_and_blocked_shapes(dtype, shape):
     np.testing.assert_allclose(fastkern.matmul(a, b), ref, rtol=0, atol=_tol(np.dtype(dtype), k, 4))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("view", ["C", "T", "step", "slice", "neg"])
+@pytest.mark.parametrize("m, k, n", [(40, 70, 100), (200, 120, 84), (64, 256, 64), (50, 9, 16)])
+def test_direct_path_reads_b_in_place_or_packed(dtype, view, m, k, n):
+    # K within one block: B's whole column tiles are read in place when its rows are
+    # contiguous, the rest packed; serial (first) and parallel (second, third) drivers
+    rng = np.random.default_rng(3)
+    a = _operand(rng, m, k, dtype, "C")
+    b = _operand(rng, k, n, dtype, view)
+    out = rng.standard_normal((m, n)).astype(dtype)
+    ref = _reference(a, b, False, False, 1.5, -1.0, out)
+    got = fastkern.matmul(a, b, alpha=1.5, beta=-1.0, out=out)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=_tol(np.dtype(dtype), k, 6.0))
+
+
 def test_beta_zero_ignores_nan_in_out():
     a = np.ones((9, 4), np.float32)
     out = np.full((9, 9), np.nan, np.float32)
