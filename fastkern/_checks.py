@@ -56,14 +56,9 @@ def check_out(out, shape, dtype, name: str = "out") -> np.ndarray:
 
 def check_no_overlap(out: np.ndarray, **inputs) -> None:
     """Raise if ``out`` shares memory with any input (kernels read and write in parallel)."""
-    for k, v in inputs.items():
-        if v is not None and overlaps(out, v):
+    for k, v in inputs.items():  # the bounds test first: the exact one can take long
+        if v is not None and np.may_share_memory(out, v) and np.shares_memory(out, v):
             raise ValueError(f"out overlaps input {k}; pass a separate output array")
-
-
-def overlaps(x: np.ndarray, y: np.ndarray) -> bool:
-    # the bounds test first: the exact one can take long
-    return np.may_share_memory(x, y) and np.shares_memory(x, y)
 
 
 def as_tuple(value, n: int, name: str) -> tuple:

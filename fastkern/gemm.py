@@ -39,7 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
-from ._checks import check_out, check_scalar, overlaps
+from ._checks import check_no_overlap, check_out, check_scalar
 from ._codegen import FMA, vectorized, zeros
 from .threads import get_num_threads
 
@@ -874,9 +874,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None)
         beta = 0.0
     else:
         check_out(out, (m, n), a.dtype)
-        for name, x in (("a", a), ("b", b)):
-            if overlaps(out, x):
-                raise ValueError(f"out overlaps input {name}; pass a separate output array")
+        check_no_overlap(out, a=a, b=b)
     if m == 0 or n == 0:
         return out
     return gemm_into(opa, opb, out, alpha, beta)
