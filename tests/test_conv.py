@@ -218,6 +218,11 @@ def test_workspace_is_reused_and_bounded(stride):
     assert before and all(conv_mod._workspaces[k] is v for k, v in before.items())
     assert 0 < conv_mod.workspace_bytes() <= conv_mod._MAX_WORKSPACE_BYTES
     assert conv_mod.peak_workspace_bytes() >= conv_mod.workspace_bytes()
+    expected = fastkern.conv2d(x, w, stride=stride)
+    conv_mod.clear_workspaces()
+    assert conv_mod.workspace_bytes() == 0
+    np.testing.assert_array_equal(fastkern.conv2d(x, w, stride=stride), expected)  # re-created
+    assert conv_mod.workspace_bytes() > 0
 
 
 SOURCE_CASES = [
