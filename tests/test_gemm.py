@@ -77,10 +77,11 @@ def test_matmul_cnn_and_blocked_shapes(dtype, shape):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("view", ["C", "T", "step", "slice", "neg"])
-@pytest.mark.parametrize("m, k, n", [(40, 70, 100), (200, 120, 84), (64, 256, 64), (50, 9, 16)])
+@pytest.mark.parametrize("m, k, n", [(40, 70, 100), (200, 120, 84), (64, 256, 64), (50, 9, 16),
+                                     (20, 300, 40), (100, 500, 100), (128, 512, 8)])
 def test_direct_path_reads_b_in_place_or_packed(dtype, view, m, k, n):
-    # K within one block: B's whole column tiles are read in place when its rows are
-    # contiguous, the rest packed; serial (first) and parallel (second, third) drivers
+    # B's whole column tiles read in place when its rows are contiguous, the rest packed;
+    # K within one block, or two with A of at most MC rows; serial and parallel drivers
     rng = np.random.default_rng(3)
     a = _operand(rng, m, k, dtype, "C")
     b = _operand(rng, k, n, dtype, view)
