@@ -66,15 +66,18 @@ NC = 4096
 # per-call scratch stays small: KC x NC_SERIAL is 128 KiB float32.
 NC_SERIAL = 128
 # The direct driver (no packing of A) is used when K fits one block and the
-# output is narrow or small, and up to DIRECT_MAX_K when A has at most MC rows
-# (it then stays in L2) and B's rows are contiguous (read in place): one pass
-# over C instead of one per K block, and no B block packed by every thread
-# (64x400x120: 0.85 -> 1.06 of OpenBLAS). Transposed B would be packed whole
-# by each thread, slower than the blocked path. Below SERIAL_WORK
+# output is narrow or small, and up to DIRECT_MAX_K_BYTES per row of A (float32
+# K = 512) when A has at most MC rows (it then stays in L2) and B's rows are
+# contiguous (read in place) and at most 1 KiB apart: one pass over C instead
+# of one per K block, and no B block packed by every thread (64x400x120: 0.85
+# -> 1.06 of OpenBLAS). Longer micro-panels of B, or rows 2 KiB and more apart
+# (fewer cache sets), stop fitting the caches (float64 128x512x512 fell from
+# 0.99 to 0.46, float32 from 0.95 to 0.83), and transposed B would be packed
+# whole by each thread, slower than the blocked path. Below SERIAL_WORK
 # multiply-adds one thread is faster than waking the pool: a parallel launch
 # costs 3-5 us, what the other core would save on about 500k multiply-adds.
 DIRECT_MAX_N = 512
-DIRECT_MAX_K = 2 * KC
+DIRECT_MAX_K_BYTES = 2 * KC * 4
 SERIAL_WORK = 1 << 19
 
 
@@ -639,9 +642,17 @@ def _scale(C, coff, crs, ccs, m, n, beta):
             C[idx] = 0 if beta == 0 else beta * C[idx]
 
 
+@njit(inline="always")
+def _direct_shape(m, n, k, mr, itemsize, brs, bcs):
+    """Whether the direct path takes the product (also called from Python, as ``.py_func``)."""
+    return m >= mr and n <= DIRECT_MAX_N and (
+        k <= KC or (k * itemsize <= DIRECT_MAX_K_BYTES and m <= MC and bcs == 1
+                    and abs(brs) * itemsize <= DIRECT_MAX_K_BYTES // 2))
+
+
 @njit(fastmath=_FAST, cache=True, _nrt=False)
-def _use_direct(m, n, k, mr, bcs):
-    return m >= mr and n <= DIRECT_MAX_N and (k <= KC or (k <= DIRECT_MAX_K and m <= MC and bcs == 1))
+def _use_direct(m, n, k, A, brs, bcs):
+    return _direct_shape(m, n, k, _tile_rows(A), A.itemsize, brs, bcs)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -652,7 +663,7 @@ def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, cr
         _scale(C, coff, crs, ccs, m, n, beta)
         return
     mr = _tile_rows(A)
-    if _use_direct(m, n, k, mr, bcs):
+    if _use_direct(m, n, k, A, brs, bcs):
         bp = np.empty(k * _cdiv(n, NR) * NR, A.dtype)
         brows = np.empty(2 * k, np.int64)
         _direct_pack(B, boff, brs, bcs, k, n, bp, brows)
@@ -722,7 +733,7 @@ def _gemm_flat_parallel(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, alpha,
     driver, not three.
     """
     mr = _tile_rows(A)
-    direct = _use_direct(m, n, k, mr, bcs)
+    direct = _use_direct(m, n, k, A, brs, bcs)
     by_rows = direct or _cdiv(m, mr) >= _cdiv(n, NR)
     shared = by_rows and not direct and nthreads > 1
     kb = _k_block(A)
@@ -827,7 +838,7 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
         return out
     mr = _mr(out.dtype)
     nthreads = get_num_threads()
-    if m >= mr and n <= DIRECT_MAX_N and (k <= KC or (k <= DIRECT_MAX_K and m <= MC and bcs == 1)):  # _use_direct
+    if _direct_shape.py_func(m, n, k, mr, out.itemsize, brs, bcs):
         a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
     else:
         kc = min(k, KC)
