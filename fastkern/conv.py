@@ -29,7 +29,9 @@ The columns come from that grid in one of two ways:
 
 The weight gradient reads both operands along the output positions: with few
 output channels through inner-product tiles (``gemm.dot_tile``), otherwise as
-``dW[g].T = cols @ dy.T`` with dy transposed into NR-channel panels.
+``dW[g].T = cols @ dy.T`` with dy transposed into NR-channel panels. Where a
+sample's positions are few, a thread stages the grids and grad_y of several
+samples and each inner-product tile reduces over all of them at once.
 
 The forward hands out samples (or bands of one, when there are fewer samples
 than threads) from a shared atomic counter as threads come free, so a core
@@ -64,6 +66,10 @@ _IM2COL_COST = 16
 # per-lane partial sums fit this (narrow layers, where an NR-wide tile of
 # output channels would be mostly padding), NR-wide tiles otherwise.
 _DOT_PARTIAL_BYTES = 256 << 10
+# The inner-product tiles of the weight gradient reduce over at least this many vectors
+# when samples are short (whole samples staged per thread, see _Plan): fewer, and loading
+# and storing the partial sums dominates; many more, and the staged samples leave L1.
+_STAGE_VECTORS = 64
 # None picks the column source by cost; tests force "wide", "columns" (gathered from the
 # grid) or "direct" (gathered from the input, no grid) where it applies.
 _FORCE = None
@@ -373,13 +379,28 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
                                     dst[e] = res[e] + bv
 
 
+@njit(cache=True, _nrt=False)
+def _dot_tiles(g, n_runs, dyw, dystep, src, sstep, aoffs, toffs, dwp_g, mg, k, ld, gstride, jb, lpad, boffs):
+    """dW[g] += dyw[g] @ cols.T over ``n_runs`` samples, both read in place (inner-product tiles)."""
+    vl = _lanes(dyw)
+    for i in range(dwp_g.shape[0]):
+        for r in range(DOT_R):
+            aoffs[r] = (g * mg + min(i * DOT_R + r, mg - 1)) * ld
+        for j in range(dwp_g.shape[1]):
+            for s_ in range(DOT_S):
+                toffs[s_] = g * gstride + jb + boffs[min(j * DOT_S + s_, k - 1)]
+            dot_tile(lpad // vl, n_runs, dyw, aoffs, dystep, src, toffs, sstep, dwp_g[i, j], 0)
+
+
 @njit(parallel=True, cache=True)
 def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs, geo, grid, ogrid, mode,
-                     rt, n_bands, mg, k, gstride, grid_len, col_len, ld, do_dx, n_threads):
+                     rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx, n_threads):
     # gy (N, G*Mg, P); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx); wtpk (G, packed W[g].T);
     # zeroed per-thread partials: db (T, G*Mg) of the bias grad, and of the weight grad either
     # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
-    # not empty, per-lane sums of inner-product tiles (narrow layers)
+    # not empty, per-lane sums of inner-product tiles (narrow layers). With stage > 1 (wide grid, one
+    # band, inner-product tiles) each thread keeps the grids and grad_y of ``stage`` samples and
+    # reduces the weight gradient over all of them per tile
     gy, x, wtpk, dx, dwt, dwp, db, ws = (borrowed(gy), borrowed(x), borrowed(wtpk), borrowed(dx), borrowed(dwt),
                                          borrowed(dwp), borrowed(db), borrowed(ws))
     boffs, arows, dyoffs, goffs = borrowed(boffs), borrowed(arows), borrowed(dyoffs), borrowed(goffs)
@@ -388,35 +409,39 @@ def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, go
     oh, ow = geo[13], geo[14]
     rows = geo[12] * oh
     mr = _tile_rows(x)
-    vl = _lanes(x)
     mgp = dwt.shape[3]
     zero = gy.dtype.type(0)
     for t in prange(n_threads):
         buf = ws[t]
-        xg = buf[:grid_len]
-        o = grid_len
+        xgs = buf[:stage * grid_len]  # the staged samples' grids
+        o = stage * grid_len
         dxg = buf[o:o + grid_len]  # grad input on the grid, folded into
         o += grid_len
         col = buf[o:o + col_len]
         o += col_len
-        dyw = buf[o:o + n_groups * mg * ld]  # grad_y on the output grid, rows ld apart
-        o += n_groups * mg * ld
+        dyl = n_groups * mg * ld
+        dyws = buf[o:o + stage * dyl]  # grad_y on the output grid, rows ld apart, per staged sample
+        o += stage * dyl
         dyt = buf[o:o + mgp * ld]  # one group's grad_y transposed into NR-channel panels
         o += mgp * ld
         dcol = buf[o:o + (n_groups * k + mr) * ld]  # grad input columns
         o += (n_groups * k + mr) * ld
         tile = buf[o:]
-        src = xg if mode == WIDE else col
         dwt_t = dwt[t]
         dot = dwp.size > 0
-        n_rt, n_st = dwp.shape[2], dwp.shape[3]
         aoffs = np.empty(DOT_R, np.int64)
         toffs = np.empty(DOT_S, np.int64)
         win = np.empty(rt, np.int64)
         ocol = np.empty(rt, np.int64)
-        xg[:] = zero
+        xgs[:] = zero
         dxg[:] = zero
-        for n in range(t * n_samples // n_threads, (t + 1) * n_samples // n_threads):
+        n_lo, n_hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
+        lpad, jb = 0, 0
+        for n in range(n_lo, n_hi):
+            s = (n - n_lo) % stage
+            xg = xgs[s * grid_len:(s + 1) * grid_len]
+            dyw = dyws[s * dyl:(s + 1) * dyl]
+            src = xg if mode == WIDE else col
             if mode != DIRECT_COLUMNS:
                 _grid_copy(x[n], xg, geo, grid, True)
             for band in range(n_bands):
@@ -435,15 +460,10 @@ def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, go
                             dst[e] = g_row[e]
                     db[t, co] += _sum_span(row)  # the spread row is zero between the runs
                 for g in range(n_groups):
-                    if dot:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
-                        for i in range(n_rt):
-                            for r in range(DOT_R):
-                                aoffs[r] = (g * mg + min(i * DOT_R + r, mg - 1)) * ld
-                            for j in range(n_st):
-                                for s_ in range(DOT_S):
-                                    toffs[s_] = g * gstride + jb + boffs[min(j * DOT_S + s_, k - 1)]
-                                dot_tile(lpad // vl, dyw, aoffs, src, toffs, dwp[t, g, i, j], 0)
-                    else:  # grad weight: dW[g].T += cols (K x ncol, rows in place) @ dyw[g].T (packed here)
+                    if dot and stage == 1:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
+                        _dot_tiles(g, 1, dyw, 0, src, 0, aoffs, toffs, dwp[t, g], mg, k, ld, gstride, jb, lpad,
+                                   boffs)
+                    elif not dot:  # grad weight: dW[g].T += cols (K x ncol, rows in place) @ dyw[g].T (packed here)
                         for q in range(mgp // NR):
                             pan = dyt[q * ncol * NR:(q + 1) * ncol * NR]
                             for l in range(ncol):
@@ -472,9 +492,13 @@ def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, go
             if do_dx and mode != DIRECT_COLUMNS:
                 _grid_copy(dx[n], dxg, geo, grid, False)
                 dxg[:] = zero
+            if dot and stage > 1 and (s == stage - 1 or n == n_hi - 1):  # the staged samples at once
+                for g in range(n_groups):
+                    _dot_tiles(g, s + 1, dyws, dyl, xgs, grid_len, aoffs, toffs, dwp[t, g], mg, k, ld, gstride, jb,
+                               lpad, boffs)
 
 
-for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights, _sum_span,
+for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights, _sum_span, _dot_tiles,
                 _forward_kernel, _backward_kernel):
     vectorized(_kernel)
 
@@ -486,7 +510,7 @@ for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, 
 class _Plan:
     """Column source, band height and scratch layout of one conv call (see the module docstring)."""
 
-    def __init__(self, x5_shape, w3_shape, geo, dtype, n_threads, backward, min_bands=1):
+    def __init__(self, x5_shape, w3_shape, geo, dtype, n_threads, backward, min_bands=1, dot=False):
         n, c = x5_shape[:2]
         n_groups, mg, k = w3_shape
         kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
@@ -530,6 +554,16 @@ class _Plan:
             rt = max(1, min(rt - 1, rt * budget // floats))
             ld, col_len, floats = layout(rt)
         self.rt, self.n_bands = rt, -(-rows // rt)
+        # inner-product weight-gradient tiles on the wide grid of whole samples reduce over the
+        # positions of one sample only (10 vectors for LeNet's second layer): staging several
+        # samples' grids and grad_y lets each tile's partial sums be loaded and stored once for all
+        self.stage = 1
+        if backward and dot and wide and self.n_bands == 1:
+            per_sample = self.grid_len + n_groups * mg * ld
+            vectors = ld * dtype.itemsize // 64
+            self.stage = int(max(1, min(_STAGE_VECTORS // vectors, -(-n // n_threads),
+                                        1 + (budget - floats) // per_sample)))
+            floats += (self.stage - 1) * per_sample
         self.ld, self.col_len, self.per_thread = ld, col_len, floats
         taps = np.arange(kd * kh * kw)
         tap_off = ((taps // (kh * kw)) * dd * grid[1] * grid[2] + (taps // kw % kh) * dh * grid[2]
@@ -569,7 +603,8 @@ def _call_key(arrays, params):
     if not all(plain(p) for p in params):
         return None
     # the tunables below are in the key too: tests change them to force each path
-    sig = [get_num_threads(), _FORCE, _THREAD_BYTES, _MAX_WORKSPACE_BYTES, _IM2COL_COST, _DOT_PARTIAL_BYTES]
+    sig = [get_num_threads(), _FORCE, _THREAD_BYTES, _MAX_WORKSPACE_BYTES, _IM2COL_COST, _DOT_PARTIAL_BYTES,
+           _STAGE_VECTORS]
     for a in arrays:
         if a is None:
             sig.append(None)
@@ -596,14 +631,16 @@ class _Call:
         self.n_threads = n_threads = get_num_threads()
         self.y_shape = (n, c_out) + tuple(out)
         self.plan = None
-        if n and c_out:
-            self.plan = _Plan(self.x5_shape, self.w3_shape, self.geo, dtype, n_threads, backward,
-                              min_bands=-(-n_threads // n))
+        self.dot = False
         if backward:
             _, mg, k = self.w3_shape
             lanes = 64 // dtype.itemsize
             self.n_rt, self.n_st = -(-mg // DOT_R), -(-k // DOT_S)
             self.dot = self.n_rt * self.n_st * DOT_R * DOT_S * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
+        if n and c_out:
+            self.plan = _Plan(self.x5_shape, self.w3_shape, self.geo, dtype, n_threads, backward,
+                              min_bands=-(-n_threads // n), dot=self.dot)
+        if backward:
             # the grid copy writes every element of grad_x unless windows stop short of the input
             # (strided) or the columns come straight from the input: then grad_x starts zeroed
             p = self.plan
@@ -715,7 +752,7 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         _backward_kernel(gy, x5, wtpk, dx.reshape(call.x5_shape if input_grad else (0,) * 5), dwt, dwp, db, ws,
                          plan.boffs, plan.arows, plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid,
                          plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len,
-                         plan.col_len, plan.ld, input_grad, n_threads)
+                         plan.col_len, plan.ld, plan.stage, input_grad, n_threads)
     grad_w = np.empty(call.w3_shape, dtype)
     grad_b = np.empty(n_groups * mg, dtype)
     _sum_partials(dwt, dwp, db, grad_w, grad_b)

@@ -389,12 +389,15 @@ _dot_registers = _stack_array(lambda dt: DOT_R * DOT_S * (64 * 8 // dt.bitwidth)
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
-def dot_tile(nvec, A, aoffs, B, boffs, P, poff):
-    """``P[poff + (r*DOT_S + s)*VL + e] += sum_v A[aoffs[r] + v*VL + e] * B[boffs[s] + v*VL + e]``.
+def dot_tile(nvec, n_runs, A, aoffs, astep, B, boffs, bstep, P, poff):
+    """``P[poff + (r*DOT_S + s)*VL + e] += sum_u sum_v A[aoffs[r] + u*astep + v*VL + e] * B[boffs[s] + u*bstep + v*VL + e]``.
 
-    ``nvec`` vectors of VL lanes along the reduction; P keeps per-lane partial
-    sums (sum them over the last axis for C). The eight row views are named
-    once, outside the loop, so their bases stay in registers and every index
+    The reduction is ``n_runs`` runs (u) of ``nvec`` vectors of VL lanes,
+    ``astep`` and ``bstep`` apart: several samples of a convolution at once,
+    so the accumulators are loaded from P and stored back once for all of
+    them, not once per short run. P keeps per-lane partial sums (sum them
+    over the last axis for C). The eight row views are named once per run,
+    outside the vector loop, so their bases stay in registers and every index
     is provably non-negative.
     """
     vl = _lanes(A)
@@ -402,31 +405,33 @@ def dot_tile(nvec, A, aoffs, B, boffs, P, poff):
     tile = P[np.uintp(poff):]
     for x in range(DOT_R * DOT_S * vl):
         acc[x] = tile[x]
-    a0, a1 = A[np.uintp(aoffs[0]):], A[np.uintp(aoffs[1]):]
-    a2, a3 = A[np.uintp(aoffs[2]):], A[np.uintp(aoffs[3]):]
-    b0, b1 = B[np.uintp(boffs[0]):], B[np.uintp(boffs[1]):]
-    b2, b3 = B[np.uintp(boffs[2]):], B[np.uintp(boffs[3]):]
-    for v in range(nvec):
-        o = v * vl
-        for e in range(vl):
-            x0, x1, x2, x3 = a0[o + e], a1[o + e], a2[o + e], a3[o + e]
-            y0, y1, y2, y3 = b0[o + e], b1[o + e], b2[o + e], b3[o + e]
-            acc[0 * vl + e] += x0 * y0
-            acc[1 * vl + e] += x0 * y1
-            acc[2 * vl + e] += x0 * y2
-            acc[3 * vl + e] += x0 * y3
-            acc[4 * vl + e] += x1 * y0
-            acc[5 * vl + e] += x1 * y1
-            acc[6 * vl + e] += x1 * y2
-            acc[7 * vl + e] += x1 * y3
-            acc[8 * vl + e] += x2 * y0
-            acc[9 * vl + e] += x2 * y1
-            acc[10 * vl + e] += x2 * y2
-            acc[11 * vl + e] += x2 * y3
-            acc[12 * vl + e] += x3 * y0
-            acc[13 * vl + e] += x3 * y1
-            acc[14 * vl + e] += x3 * y2
-            acc[15 * vl + e] += x3 * y3
+    for u in range(n_runs):
+        da, db = u * astep, u * bstep
+        a0, a1 = A[np.uintp(aoffs[0] + da):], A[np.uintp(aoffs[1] + da):]
+        a2, a3 = A[np.uintp(aoffs[2] + da):], A[np.uintp(aoffs[3] + da):]
+        b0, b1 = B[np.uintp(boffs[0] + db):], B[np.uintp(boffs[1] + db):]
+        b2, b3 = B[np.uintp(boffs[2] + db):], B[np.uintp(boffs[3] + db):]
+        for v in range(nvec):
+            o = v * vl
+            for e in range(vl):
+                x0, x1, x2, x3 = a0[o + e], a1[o + e], a2[o + e], a3[o + e]
+                y0, y1, y2, y3 = b0[o + e], b1[o + e], b2[o + e], b3[o + e]
+                acc[0 * vl + e] += x0 * y0
+                acc[1 * vl + e] += x0 * y1
+                acc[2 * vl + e] += x0 * y2
+                acc[3 * vl + e] += x0 * y3
+                acc[4 * vl + e] += x1 * y0
+                acc[5 * vl + e] += x1 * y1
+                acc[6 * vl + e] += x1 * y2
+                acc[7 * vl + e] += x1 * y3
+                acc[8 * vl + e] += x2 * y0
+                acc[9 * vl + e] += x2 * y1
+                acc[10 * vl + e] += x2 * y2
+                acc[11 * vl + e] += x2 * y3
+                acc[12 * vl + e] += x3 * y0
+                acc[13 * vl + e] += x3 * y1
+                acc[14 * vl + e] += x3 * y2
+                acc[15 * vl + e] += x3 * y3
     for x in range(DOT_R * DOT_S * vl):
         tile[x] = acc[x]
 

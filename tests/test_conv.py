@@ -189,6 +189,27 @@ def test_bands_and_single_sample_split_agree_with_reference(monkeypatch):
     np.testing.assert_allclose(db, db2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("stage_vectors", [8, 16, 24, 1 << 20])  # stages of 1, 2, 3, 6 samples
+def test_weight_gradient_over_staged_samples_matches_reference(stage_vectors, monkeypatch):
+    # A narrow layer on the wide grid: its inner-product tiles reduce over several staged samples
+    # at once, also over a last group of fewer samples (11 samples split 5 + 6 over two threads).
+    monkeypatch.setattr(conv_mod, "_STAGE_VECTORS", stage_vectors)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((11, 3, 9, 8))
+    w = rng.standard_normal((5, 3, 3, 3))
+    gy = rng.standard_normal((11, 5, 7, 6))
+    with fastkern.threads(2):
+        plan = conv_mod._Call(2, x, w, None, 1, 0, 1, 1, "conv2d_backward", True).plan
+        dx, dw, db = fastkern.conv2d_backward(gy, x, w)
+    assert plan.mode == conv_mod.WIDE and plan.n_bands == 1
+    assert plan.stage == min(max(1, stage_vectors // (plan.ld * 8 // 64)), 6)
+    np.testing.assert_allclose(dw, naive_conv_grad_w(gy, x, w, 1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, gy.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-10)
+    monkeypatch.setattr(conv_mod, "_STAGE_VECTORS", 1)
+    dx1, _, _ = fastkern.conv2d_backward(gy, x, w)
+    np.testing.assert_allclose(dx, dx1, rtol=1e-12, atol=1e-12)
+
+
 def test_non_contiguous_inputs_and_deterministic_results():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3, 5, 8, 9)).astype(np.float32)[:, ::2, :, ::-1]
