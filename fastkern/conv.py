@@ -393,16 +393,17 @@ def _dot_tiles(g, n_runs, dyw, dystep, src, sstep, aoffs, toffs, dwp_g, mg, k, l
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs, geo, grid, ogrid, mode,
-                     rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx, n_threads):
-    # gy (N, G*Mg, P); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx); wtpk (G, packed W[g].T);
+def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs, geo, grid, ogrid,
+                     mode, rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx, n_threads):
+    # gy (N, G*Mg, P), and with relu the forward's output yr (same shape: grad_y is taken through
+    # the fused ReLU as it is spread); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx); wtpk (G, packed W[g].T);
     # zeroed per-thread partials: db (T, G*Mg) of the bias grad, and of the weight grad either
     # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
     # not empty, per-lane sums of inner-product tiles (narrow layers). With stage > 1 (wide grid, one
     # band, inner-product tiles) each thread keeps the grids and grad_y of ``stage`` samples and
     # reduces the weight gradient over all of them per tile
-    gy, x, wtpk, dx, dwt, dwp, db, ws = (borrowed(gy), borrowed(x), borrowed(wtpk), borrowed(dx), borrowed(dwt),
-                                         borrowed(dwp), borrowed(db), borrowed(ws))
+    gy, yr, x, wtpk, dx, dwt, dwp, db, ws = (borrowed(gy), borrowed(yr), borrowed(x), borrowed(wtpk), borrowed(dx),
+                                             borrowed(dwt), borrowed(dwp), borrowed(db), borrowed(ws))
     boffs, arows, dyoffs, goffs = borrowed(boffs), borrowed(arows), borrowed(dyoffs), borrowed(goffs)
     n_samples = x.shape[0]
     n_groups = wtpk.shape[0]
@@ -456,8 +457,13 @@ def _backward_kernel(gy, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, go
                     for rr in range(r1 - r0):
                         g_row = gy[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
                         dst = row[ocol[rr]:ocol[rr] + ow]
-                        for e in range(ow):
-                            dst[e] = g_row[e]
+                        if relu:
+                            y_row = yr[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
+                            for e in range(ow):
+                                dst[e] = g_row[e] if y_row[e] > 0 else zero
+                        else:
+                            for e in range(ow):
+                                dst[e] = g_row[e]
                     db[t, co] += _sum_span(row)  # the spread row is zero between the runs
                 for g in range(n_groups):
                     if dot and stage == 1:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
@@ -721,7 +727,12 @@ def _sum_partials(dwt, dwp, db, grad_w, grad_b):
         grad_b[c] = acc
 
 
-def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True):
+def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True,
+                   activation=None, output=None):
+    if activation not in (None, "relu"):
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+    if (activation is None) != (output is None):
+        raise ValueError(f"{op}: activation='relu' needs the forward's output, and output needs activation='relu'")
     key = _call_key((grad_y, x, weight), (nd, stride, padding, dilation, groups))
     call = _CALLS.get(key) if key is not None else None
     if call is None:
@@ -731,6 +742,11 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         if grad_y.shape != call.y_shape:
             raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {call.y_shape}")
         remember(_CALLS, key, call)
+    if output is not None:
+        check_array(output, "output", nd + 2)
+        check_same_dtype(grad_y=grad_y, output=output)
+        if output.shape != call.y_shape:
+            raise ValueError(f"{op}: output has shape {output.shape}, the forward's output shape is {call.y_shape}")
     dtype, plan = call.dtype, call.plan
     n = x.shape[0]
     n_groups, mg, k = call.w3_shape
@@ -747,12 +763,14 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         x5 = np.ascontiguousarray(x).reshape(call.x5_shape)
         w3 = np.ascontiguousarray(weight).reshape(call.w3_shape)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups * mg, -1))
+        yr = gy if output is None else np.ascontiguousarray(output).reshape(gy.shape)
         ws = _workspace("backward", dtype, n_threads, plan.per_thread)
         wtpk = _packed_weights(w3, True, mr)
-        _backward_kernel(gy, x5, wtpk, dx.reshape(call.x5_shape if input_grad else (0,) * 5), dwt, dwp, db, ws,
-                         plan.boffs, plan.arows, plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid,
-                         plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len,
-                         plan.col_len, plan.ld, plan.stage, input_grad, n_threads)
+        dx5 = dx.reshape(call.x5_shape if input_grad else (0,) * 5)
+        _backward_kernel(gy, yr, output is not None, x5, wtpk, dx5, dwt, dwp, db, ws, plan.boffs, plan.arows,
+                         plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid, plan.mode, plan.rt,
+                         plan.n_bands, mg, k, plan.gstride, plan.grid_len, plan.col_len, plan.ld, plan.stage,
+                         input_grad, n_threads)
     grad_w = np.empty(call.w3_shape, dtype)
     grad_b = np.empty(n_groups * mg, dtype)
     _sum_partials(dwt, dwp, db, grad_w, grad_b)
@@ -818,15 +836,18 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
 
 def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
-                    input_grad=True):
+                    input_grad=True, *, activation=None, output=None):
     """Gradients of :func:`conv1d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
     ``bias_grad`` is False, and ``grad_x`` is None (and not computed) when
-    ``input_grad`` is False, as for a model's first layer. Arguments as in :func:`conv1d`.
+    ``input_grad`` is False, as for a model's first layer. For a forward run
+    with ``activation="relu"``, pass the same ``activation`` and that call's
+    ``output``: ``grad_y`` is then the gradient w.r.t. the ReLU's output and
+    is masked by ``output > 0`` in the kernel's own pass over it. Arguments as in :func:`conv1d`.
     """
     return _conv_backward(1, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
-                          "conv1d_backward", input_grad)
+                          "conv1d_backward", input_grad, activation, output)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
@@ -839,15 +860,18 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
 
 def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
-                    input_grad=True):
+                    input_grad=True, *, activation=None, output=None):
     """Gradients of :func:`conv2d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
     ``bias_grad`` is False, and ``grad_x`` is None (and not computed) when
-    ``input_grad`` is False, as for a model's first layer. Arguments as in :func:`conv2d`.
+    ``input_grad`` is False, as for a model's first layer. For a forward run
+    with ``activation="relu"``, pass the same ``activation`` and that call's
+    ``output``: ``grad_y`` is then the gradient w.r.t. the ReLU's output and
+    is masked by ``output > 0`` in the kernel's own pass over it. Arguments as in :func:`conv2d`.
     """
     return _conv_backward(2, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
-                          "conv2d_backward", input_grad)
+                          "conv2d_backward", input_grad, activation, output)
 
 
 def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
@@ -860,15 +884,18 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
 
 def conv3d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
-                    input_grad=True):
+                    input_grad=True, *, activation=None, output=None):
     """Gradients of :func:`conv3d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
     ``bias_grad`` is False, and ``grad_x`` is None (and not computed) when
-    ``input_grad`` is False, as for a model's first layer. Arguments as in :func:`conv3d`.
+    ``input_grad`` is False, as for a model's first layer. For a forward run
+    with ``activation="relu"``, pass the same ``activation`` and that call's
+    ``output``: ``grad_y`` is then the gradient w.r.t. the ReLU's output and
+    is masked by ``output > 0`` in the kernel's own pass over it. Arguments as in :func:`conv3d`.
     """
     return _conv_backward(3, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
-                          "conv3d_backward", input_grad)
+                          "conv3d_backward", input_grad, activation, output)
 
 
 for _f in (conv1d, conv2d, conv3d, conv1d_backward, conv2d_backward, conv3d_backward):

@@ -5,7 +5,8 @@ gradients into ``.grad`` and returns the gradient w.r.t. the input.
 Parameters reach the kernels as plain arrays (``p.array``), the cached input is
 the caller's array itself (no copy), and ``activation="relu"`` on Linear/Conv
 fuses the bias add and the ReLU into one pass over the output: ``bias_relu``
-after a Linear, the conv's own epilogue in a Conv.
+after a Linear, the conv's own epilogue in a Conv (whose backward likewise
+applies the ReLU's gradient as it reads grad_y).
 """
 from __future__ import annotations
 
@@ -118,9 +119,10 @@ class _ConvNd(_WithActivation):
         return self._op(x, self.weight.array, self._op_bias())
 
     def backward(self, g):
-        g = self._start_backward(g)
-        has_b = self._op_bias() is not None
-        gx, gw, gb = self._op_backward(g, self._x, self.weight.array, has_b, self.input_grad)
+        # a fused ReLU's gradient is applied by the conv backward as it reads g: no pass of its own
+        y, self._y = (self._y, None) if self.activation == "relu" else (None, None)
+        has_b = self.bias is not None
+        gx, gw, gb = self._op_backward(g, self._x, self.weight.array, has_b, self.input_grad, self.activation, y)
         _acc(self.weight, gw)
         if has_b:
             _acc(self.bias, gb)
@@ -139,8 +141,9 @@ class Conv1d(_ConvNd):
     def _op(self, x, w, b, activation=None):
         return fk.conv1d(x, w, b, activation=activation, **self.conv_args)
 
-    def _op_backward(self, g, x, w, bias_grad, input_grad):
-        return fk.conv1d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, **self.conv_args)
+    def _op_backward(self, g, x, w, bias_grad, input_grad, activation=None, output=None):
+        return fk.conv1d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, activation=activation,
+                                  output=output, **self.conv_args)
 
 
 class Conv2d(_ConvNd):
@@ -150,8 +153,9 @@ class Conv2d(_ConvNd):
     def _op(self, x, w, b, activation=None):
         return fk.conv2d(x, w, b, activation=activation, **self.conv_args)
 
-    def _op_backward(self, g, x, w, bias_grad, input_grad):
-        return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, **self.conv_args)
+    def _op_backward(self, g, x, w, bias_grad, input_grad, activation=None, output=None):
+        return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, activation=activation,
+                                  output=output, **self.conv_args)
 
 
 class MaxPool2d(Module):

@@ -543,3 +543,38 @@ def test_fused_relu_matches_relu_of_the_reference(stride):
     assert np.isnan(y).any()
     with pytest.raises(ValueError, match="activation"):
         fastkern.conv2d(x, w, b, activation="gelu")
+
+
+@pytest.mark.parametrize("source", [None, "columns", "direct"])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_backward_through_fused_relu_masks_grad_y_by_the_output(nd, source, monkeypatch):
+    monkeypatch.setattr(conv_mod, "_FORCE", source)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((5, 4) + (7,) * nd)
+    w = rng.standard_normal((6, 2) + (3,) * nd)
+    b = rng.standard_normal(6)
+    args = dict(padding=1, groups=2)
+    y = FWD[nd](x, w, b, activation="relu", **args)
+    gy = rng.standard_normal(y.shape)
+    masked = gy * (y > 0)  # the ReLU's gradient, applied by hand
+    want = BWD[nd](masked, x, w, **args)
+    got = BWD[nd](gy, x, w, activation="relu", output=y, **args)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[2], masked.sum(axis=tuple(i for i in range(nd + 2) if i != 1)), rtol=1e-12)
+
+
+def test_backward_through_fused_relu_rejects_bad_output():
+    x, w = np.ones((2, 3, 6, 6)), np.ones((4, 3, 3, 3))
+    y = fastkern.conv2d(x, w, activation="relu")
+    gy = np.ones_like(y)
+    with pytest.raises(ValueError, match="output has shape"):
+        fastkern.conv2d_backward(gy, x, w, activation="relu", output=y[:, :2])
+    with pytest.raises(TypeError, match="dtype"):
+        fastkern.conv2d_backward(gy, x, w, activation="relu", output=y.astype(np.float32))
+    with pytest.raises(ValueError, match="needs the forward's output"):
+        fastkern.conv2d_backward(gy, x, w, activation="relu")
+    with pytest.raises(ValueError, match="needs the forward's output"):
+        fastkern.conv2d_backward(gy, x, w, output=y)
+    with pytest.raises(ValueError, match="activation must be"):
+        fastkern.conv2d_backward(gy, x, w, activation="gelu", output=y)
