@@ -700,18 +700,16 @@ def _sum_partials(dwt, dwp, db, grad_w, grad_b):
     zero = grad_w.dtype.type(0)
     if dwp.size > 0:
         vl = dwp.shape[4] // (DOT_R * DOT_S)
-        for g in range(n_groups):
-            for co in range(mg):
-                i, r = co // DOT_R, co % DOT_R
-                for kk in range(k):
-                    j, s = kk // DOT_S, kk % DOT_S
-                    lanes = (r * DOT_S + s) * vl
-                    acc = zero
-                    for t in range(n_threads):
+        grad_w[:] = zero
+        for t in range(n_threads):  # tile by tile: each partial is read once, in order
+            for g in range(n_groups):
+                for i in range(dwp.shape[2]):
+                    for j in range(dwp.shape[3]):
                         part = dwp[t, g, i, j]
-                        for e in range(vl):
-                            acc += part[lanes + e]
-                    grad_w[g, co, kk] = acc
+                        for r in range(min(DOT_R, mg - i * DOT_R)):
+                            for s in range(min(DOT_S, k - j * DOT_S)):
+                                grad_w[g, i * DOT_R + r, j * DOT_S + s] += _sum_span(
+                                    part[(r * DOT_S + s) * vl:(r * DOT_S + s + 1) * vl])
     else:
         for g in range(n_groups):
             for co in range(mg):
