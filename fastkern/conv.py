@@ -434,6 +434,7 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
         toffs = np.empty(DOT_S, np.int64)
         win = np.empty(rt, np.int64)
         ocol = np.empty(rt, np.int64)
+        masked = np.empty(rt * ow if relu else 0, gy.dtype)
         xgs[:] = zero
         dxg[:] = zero
         n_lo, n_hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
@@ -454,16 +455,19 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
                     row = dyw[co * ld:co * ld + lpad]
                     for e in range(lpad):
                         row[e] = zero
+                    if relu:  # the band's rows masked in one pass: rows are too short to vectorize alone
+                        g_band = gy[n, co, r0 * ow:r1 * ow]
+                        y_band = yr[n, co, r0 * ow:r1 * ow]
+                        for e in range(g_band.size):
+                            masked[e] = g_band[e] if y_band[e] > 0 else zero
                     for rr in range(r1 - r0):
-                        g_row = gy[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
-                        dst = row[ocol[rr]:ocol[rr] + ow]
                         if relu:
-                            y_row = yr[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
-                            for e in range(ow):
-                                dst[e] = g_row[e] if y_row[e] > 0 else zero
+                            g_row = masked[rr * ow:(rr + 1) * ow]
                         else:
-                            for e in range(ow):
-                                dst[e] = g_row[e]
+                            g_row = gy[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
+                        dst = row[ocol[rr]:ocol[rr] + ow]
+                        for e in range(ow):
+                            dst[e] = g_row[e]
                     db[t, co] += _sum_span(row)  # the spread row is zero between the runs
                 for g in range(n_groups):
                     if dot and stage == 1:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
