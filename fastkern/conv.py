@@ -396,7 +396,8 @@ def _dot_tiles(g, n_runs, dyw, dystep, src, sstep, aoffs, toffs, dwp_g, mg, k, l
 def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs, geo, grid, ogrid,
                      mode, rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx, n_threads):
     # gy (N, G*Mg, P), and with relu the forward's output yr (same shape: grad_y is taken through
-    # the fused ReLU as it is spread); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx); wtpk (G, packed W[g].T);
+    # the fused ReLU as it is spread); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx);
+    # wtpk (G, packed W[g].T);
     # zeroed per-thread partials: db (T, G*Mg) of the bias grad, and of the weight grad either
     # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
     # not empty, per-lane sums of inner-product tiles (narrow layers). With stage > 1 (wide grid, one

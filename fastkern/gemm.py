@@ -390,7 +390,7 @@ _dot_registers = _stack_array(lambda dt: DOT_R * DOT_S * (64 * 8 // dt.bitwidth)
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
 def dot_tile(nvec, n_runs, A, aoffs, astep, B, boffs, bstep, P, poff):
-    """``P[poff + (r*DOT_S + s)*VL + e] += sum_u sum_v A[aoffs[r] + u*astep + v*VL + e] * B[boffs[s] + u*bstep + v*VL + e]``.
+    """``P[poff + (r*S + s)*VL + e] += sum_u,v A[aoffs[r] + u*astep + v*VL + e] * B[boffs[s] + u*bstep + v*VL + e]``.
 
     The reduction is ``n_runs`` runs (u) of ``nvec`` vectors of VL lanes,
     ``astep`` and ``bstep`` apart: several samples of a convolution at once,
