@@ -428,6 +428,8 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
         o += mgp * ld
         dcol = buf[o:o + (n_groups * k + mr) * ld]  # grad input columns
         o += (n_groups * k + mr) * ld
+        masked = buf[o:o + rt * ow]  # a band of grad_y through the ReLU
+        o += rt * ow
         tile = buf[o:]
         dwt_t = dwt[t]
         dot = dwp.size > 0
@@ -435,7 +437,6 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
         toffs = np.empty(DOT_S, np.int64)
         win = np.empty(rt, np.int64)
         ocol = np.empty(rt, np.int64)
-        masked = np.empty(rt * ow if relu else 0, gy.dtype)
         xgs[:] = zero
         dxg[:] = zero
         n_lo, n_hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
@@ -551,7 +552,7 @@ class _Plan:
             col_len = 0 if wide else n_groups * k * ld + NR
             if backward:
                 floats = (self.grid_len * 2 + col_len + n_groups * mg * ld + mgp_cols * ld
-                          + (n_groups * k + mr) * ld + mr * NR)
+                          + (n_groups * k + mr) * ld + rt * ow + mr * NR)
             else:
                 floats = self.grid_len + col_len + mgp_rows * ld + mr * NR
             return ld, col_len, floats

@@ -26,9 +26,9 @@ signature per dtype serves C-ordered, transposed and strided views alike:
 * driver: one parallel entry point splits the rows of C (and, when they are
   too few, the columns) among threads; small or skinny shapes whose K fits
   one block, or two when A is short and B row-contiguous, skip packing A
-  (the direct path), outputs of at most one vector
-  of columns use an 8-row narrow tile. Products below SERIAL_WORK run on a
-  serial driver instead: waking the thread pool would cost more than it saves.
+  (the direct path), and outputs of at most one vector of columns use an
+  8-row narrow tile. Products below SERIAL_WORK run on a serial driver
+  instead: waking the thread pool would cost more than it saves.
 """
 from __future__ import annotations
 
@@ -390,7 +390,8 @@ _dot_registers = _stack_array(lambda dt: DOT_R * DOT_S * (64 * 8 // dt.bitwidth)
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
 def dot_tile(nvec, n_runs, A, aoffs, astep, B, boffs, bstep, P, poff):
-    """``P[poff + (r*S + s)*VL + e] += sum_u,v A[aoffs[r] + u*astep + v*VL + e] * B[boffs[s] + u*bstep + v*VL + e]``.
+    """``P[poff + (r*DOT_S + s)*VL + e] +=``
+    ``sum_u,v A[aoffs[r] + u*astep + v*VL + e] * B[boffs[s] + u*bstep + v*VL + e]``.
 
     The reduction is ``n_runs`` runs (u) of ``nvec`` vectors of VL lanes,
     ``astep`` and ``bstep`` apart: several samples of a convolution at once,
