@@ -19,9 +19,9 @@ from .module import Module, Parameter, get_rng
 
 
 def _acc(p, g):
-    """p.grad += g, in place (gradients accumulate until zero_grad)."""
+    """p.grad += g (gradients accumulate until zero_grad); ``g`` is a backward op's fresh result."""
     if g is not None:
-        np.add(p.grad, g, out=p.grad)
+        p.accumulate_grad(g)
 
 
 def _tuple(v, n):

@@ -50,7 +50,7 @@ class Optimizer:
 
     def zero_grad(self):
         for p in self.params:
-            p.grad.fill(0)
+            p.zero_grad()
 
     def _buffer(self, i, name):
         """The named state array of parameter ``i``, created zeroed on first use."""

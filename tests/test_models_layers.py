@@ -84,6 +84,27 @@ def test_backward_accumulates_gradients_until_zero_grad():
     assert not any(p.grad.any() for p in model.parameters())
 
 
+def test_zero_grad_defers_the_fill_and_the_next_gradient_is_adopted_then_added():
+    p = models.Parameter(np.zeros((2, 3)))
+    p.grad[...] = 5.0
+    p.zero_grad()
+    g = np.ones((2, 3))
+    p.accumulate_grad(g)
+    assert p.grad is g  # adopted, not added to a zero-filled array
+    p.accumulate_grad(np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(p.grad, np.full((2, 3), 3.0))
+    p.zero_grad()
+    np.testing.assert_array_equal(p.grad, np.zeros((2, 3)))  # reading fills the zeros
+    p.zero_grad()
+    strided = np.ones((3, 2)).T  # not C-contiguous: copied into .grad, never adopted
+    p.accumulate_grad(strided)
+    assert p.grad is not strided and p.grad.flags.c_contiguous
+    np.testing.assert_array_equal(p.grad, np.ones((2, 3)))
+    p.zero_grad()
+    p.accumulate_grad(np.ones((2, 3), np.float32))  # another dtype: added, in the parameter's dtype
+    assert p.grad.dtype == np.float64 and p.grad.sum() == 6.0
+
+
 @pytest.mark.parametrize("name, shape", [("LeNet5", (4, 1, 28, 28)), ("SmallCNN", (2, 3, 32, 32))])
 def test_zoo_models_match_their_torch_twins(name, shape):
     torch = pytest.importorskip("torch")
