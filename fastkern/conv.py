@@ -302,6 +302,34 @@ def _sum_span(v):
 
 
 @njit(cache=True, _nrt=False)
+def _spread_rows(row, g, y, relu, ocol, n_rows, ow):
+    """One channel's grad_y band onto its output-grid row: output row rr (``g[rr*ow:]``, zero
+    where ``y <= 0`` with ``relu``) at ``row[ocol[rr]:]``, zeros elsewhere. Returns the row's sum
+    (the bias gradient's share).
+
+    The ReLU mask is applied as the rows are copied, not in a pass of its own over the band
+    (SmallCNN's first layer backward: 14% faster). The row is zeroed whole first and summed
+    whole after: zeroing only the gaps between rows, or summing as the rows are copied, ran
+    as many tiny loops (memset calls, one horizontal add per row) and was slower on LeNet5.
+    """
+    zero = row.dtype.type(0)
+    for e in range(row.size):
+        row[e] = zero
+    for rr in range(n_rows):
+        c0 = ocol[rr]
+        dst = row[c0:c0 + ow]
+        src = g[rr * ow:(rr + 1) * ow]
+        if relu:
+            pos_y = y[rr * ow:(rr + 1) * ow]
+            for e in range(ow):
+                dst[e] = src[e] if pos_y[e] > 0 else zero
+        else:
+            for e in range(ow):
+                dst[e] = src[e]
+    return _sum_span(row)
+
+
+@njit(cache=True, _nrt=False)
 def _pack_weights(w, wpk, transpose, mr):
     # w (G, Mg, K): per group, W[g] (forward, Mg x K) or W[g].T (grad input, K x Mg) in MR-row panels
     mg, k = w.shape[1], w.shape[2]
@@ -428,8 +456,6 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
         o += mgp * ld
         dcol = buf[o:o + (n_groups * k + mr) * ld]  # grad input columns
         o += (n_groups * k + mr) * ld
-        masked = buf[o:o + rt * ow]  # a band of grad_y through the ReLU
-        o += rt * ow
         tile = buf[o:]
         dwt_t = dwt[t]
         dot = dwp.size > 0
@@ -454,23 +480,8 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
                 j0, jb, ncol = _fill_source(x[n], xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol)
                 lpad = _round_up(ncol, NR)
                 for co in range(n_groups * mg):
-                    row = dyw[co * ld:co * ld + lpad]
-                    for e in range(lpad):
-                        row[e] = zero
-                    if relu:  # the band's rows masked in one pass: rows are too short to vectorize alone
-                        g_band = gy[n, co, r0 * ow:r1 * ow]
-                        y_band = yr[n, co, r0 * ow:r1 * ow]
-                        for e in range(g_band.size):
-                            masked[e] = g_band[e] if y_band[e] > 0 else zero
-                    for rr in range(r1 - r0):
-                        if relu:
-                            g_row = masked[rr * ow:(rr + 1) * ow]
-                        else:
-                            g_row = gy[n, co, (r0 + rr) * ow:(r0 + rr + 1) * ow]
-                        dst = row[ocol[rr]:ocol[rr] + ow]
-                        for e in range(ow):
-                            dst[e] = g_row[e]
-                    db[t, co] += _sum_span(row)  # the spread row is zero between the runs
+                    db[t, co] += _spread_rows(dyw[co * ld:co * ld + lpad], gy[n, co, r0 * ow:r1 * ow],
+                                              yr[n, co, r0 * ow:r1 * ow], relu, ocol, r1 - r0, ow)
                 for g in range(n_groups):
                     if dot and stage == 1:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
                         _dot_tiles(g, 1, dyw, 0, src, 0, aoffs, toffs, dwp[t, g], mg, k, ld, gstride, jb, lpad,
@@ -510,7 +521,8 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
                                lpad, boffs)
 
 
-for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights, _sum_span, _dot_tiles,
+for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights, _sum_span, _spread_rows,
+                _dot_tiles,
                 _forward_kernel, _backward_kernel):
     vectorized(_kernel)
 
@@ -552,7 +564,7 @@ class _Plan:
             col_len = 0 if wide else n_groups * k * ld + NR
             if backward:
                 floats = (self.grid_len * 2 + col_len + n_groups * mg * ld + mgp_cols * ld
-                          + (n_groups * k + mr) * ld + rt * ow + mr * NR)
+                          + (n_groups * k + mr) * ld + mr * NR)
             else:
                 floats = self.grid_len + col_len + mgp_rows * ld + mr * NR
             return ld, col_len, floats
