@@ -76,6 +76,19 @@ def test_matmul_cnn_and_blocked_shapes(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m, k, n", [(128, 600, 256), (64, 784, 128), (70, 530, 96), (260, 300, 60)])
+def test_parallel_driver_column_slabs_and_shared_rows(dtype, m, k, n):
+    # K past one block and B transposed (a linear layer's W.T): column slabs unless M spans
+    # ROW_SPLIT times N's tiles, shared row blocks otherwise (the last shape), ragged edges
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(fastkern.matmul(a, w, trans_b=True), ref, rtol=0,
+                               atol=_tol(np.dtype(dtype), k, 4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("view", ["C", "T", "step", "slice", "neg"])
 @pytest.mark.parametrize("m, k, n", [(40, 70, 100), (200, 120, 84), (64, 256, 64), (50, 9, 16),
                                      (20, 300, 40), (100, 500, 100), (128, 512, 8)])
