@@ -91,7 +91,10 @@ class Parameter(np.ndarray):
     def accumulate_grad(self, g):
         """``.grad += g``. Right after zero_grad, ``g`` itself becomes ``.grad``: pass only
         arrays nothing else holds (the fresh results of a backward op)."""
-        if self._grad_zero and type(g) is np.ndarray and g.dtype == self.dtype and g.shape == self.shape \
+        if getattr(g, "shape", None) != self.shape:
+            raise ValueError(f"gradient of shape {getattr(g, 'shape', type(g).__name__)} for a parameter "
+                             f"of shape {self.shape}")
+        if self._grad_zero and type(g) is np.ndarray and g.dtype == self.dtype \
                 and g.flags.c_contiguous and g.flags.writeable:
             self._grad, self._grad_zero = g, False
         else:

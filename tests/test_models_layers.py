@@ -103,6 +103,8 @@ def test_zero_grad_defers_the_fill_and_the_next_gradient_is_adopted_then_added()
     p.zero_grad()
     p.accumulate_grad(np.ones((2, 3), np.float32))  # another dtype: added, in the parameter's dtype
     assert p.grad.dtype == np.float64 and p.grad.sum() == 6.0
+    with pytest.raises(ValueError, match=r"shape \(3,\) for a parameter of shape \(2, 3\)"):
+        p.accumulate_grad(np.ones(3))  # would broadcast silently
 
 
 @pytest.mark.parametrize("name, shape", [("LeNet5", (4, 1, 28, 28)), ("SmallCNN", (2, 3, 32, 32))])
