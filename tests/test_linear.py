@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -59,13 +61,22 @@ def test_linear_gradcheck_float64():
               lambda gy, x, w, b: fastkern.linear_backward(gy, x, w))
 
 
-def test_linear_bias_gradient_over_many_row_chunks():
-    # More rows than one chunk of the column-sum kernel, in float32.
+@pytest.mark.parametrize("n, fout", [(1000, 37), (2000, 40)])
+def test_linear_bias_over_many_row_chunks_serial_and_parallel(n, fout):
+    # More rows than one chunk of the column-sum kernel, in float32; the second shape is past
+    # the size where the bias broadcast and the bias gradient go parallel.
     rng = np.random.default_rng(2)
-    gy = rng.standard_normal((1000, 37)).astype(np.float32)
-    x, w = make(rng, (1000, 3), np.float32), make(rng, (37, 3), np.float32)
+    gy = rng.standard_normal((n, fout)).astype(np.float32)
+    x, w, b = make(rng, (n, 3), np.float32), make(rng, (fout, 3), np.float32), make(rng, fout, np.float32)
     _, _, gb = fastkern.linear_backward(gy, x, w)
     np.testing.assert_allclose(gb, gy.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(fastkern.linear(x, w, b), naive_linear(x, w, b), rtol=1e-5, atol=1e-5)
+    # both column-sum kernels add the same chunks in the same order
+    lin = importlib.import_module("fastkern.linear")
+    par, ser = np.empty(fout, np.float32), np.empty(fout, np.float32)
+    lin._column_sums(gy, par)
+    lin._column_sums_serial(gy, ser)
+    np.testing.assert_array_equal(par, ser)
 
 
 def test_linear_accepts_strided_views_and_does_not_modify_inputs():
