@@ -104,6 +104,23 @@ def test_direct_path_reads_b_in_place_or_packed(dtype, view, m, k, n):
     np.testing.assert_allclose(got, ref, rtol=0, atol=_tol(np.dtype(dtype), k, 6.0))
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m, k, n", [(64, 120, 84), (50, 9, 6), (300, 40, 20), (200, 600, 50)])
+def test_edge_panels_never_leak_the_columns_beside_b(dtype, m, k, n):
+    # an edge panel of B is copied whole-width from B's buffer; the columns beside the
+    # view (here NaN and inf) must never reach C, in the direct, narrow and packed paths
+    rng = np.random.default_rng(5)
+    wide = np.full((k, n + 40), np.nan, dtype)
+    wide[:, n + 1::2] = np.inf
+    wide[:, :n] = rng.standard_normal((k, n))
+    b = wide[:, :n]
+    a = rng.standard_normal((m, k)).astype(dtype)
+    got = fastkern.matmul(a, b)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, _reference(a, b, False, False, 1.0, 0.0, None), rtol=0,
+                               atol=_tol(np.dtype(dtype), k, 6.0))
+
 def test_beta_zero_ignores_nan_in_out():
     a = np.ones((9, 4), np.float32)
     out = np.full((9, 9), np.nan, np.float32)
