@@ -47,7 +47,7 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized, zeros
-from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tile_rows, borrowed, dot_tile,
+from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail, _tile_rows, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .threads import get_num_threads
@@ -242,8 +242,8 @@ def _run_copy(xg, s0, sw, col, d0, n, vl):
     """``col[d0:d0 + n] = xg[s0:s0 + n*sw:sw]``. With stride 1 it copies whole vectors: the
     spill past n lands where the caller writes later (or in the slack), never on a result."""
     if sw == 1:
-        dst = col[np.uintp(d0):]
-        src = xg[np.uintp(s0):]
+        dst = _tail(col, d0)
+        src = _tail(xg, s0)
         reg = _vector_register(col)  # all loads before the stores: the two may alias, so
         for v0 in range(0, n, vl):   # only this order lets them fuse into one vector each
             for e in range(vl):

@@ -188,6 +188,27 @@ def _flat_view(typingctx, arr, start, length):
 
 
 @intrinsic
+def _tail(typingctx, arr, start):
+    """``arr[start:]`` of a 1-D C array without the wraparound and clamping a slice costs:
+    for offsets known to lie in ``[0, len(arr)]``, in loops where those ten instructions show."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"):
+        return None
+    arrty = types.Array(arr.dtype, 1, "C")
+
+    def codegen(context, builder, sig, args):
+        src = make_array(arr)(context, builder, value=args[0])
+        start = args[1]
+        ary = make_array(arrty)(context, builder)
+        populate_array(ary, data=builder.gep(src.data, [start]),
+                       shape=[builder.sub(builder.extract_value(src.shape, 0), start)],
+                       strides=[builder.extract_value(src.strides, 0)],
+                       itemsize=src.itemsize, meminfo=None)
+        return ary._getvalue()
+
+    return arrty(arr, types.intp), codegen
+
+
+@intrinsic
 def _claim(typingctx, counters, slot):
     """Atomically take the next number from ``counters[slot]`` (int64): a work queue for prange."""
     def codegen(context, builder, sig, args):
@@ -282,7 +303,7 @@ def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, c
         acc[x] = 0
     if boffs is not None:  # B rows through the table, A strided
         for p in range(kc):
-            b = B[np.uintp(boff + boffs[p]):]
+            b = _tail(B, boff + boffs[p])
             for i in range(mr):
                 ai = A[np.uintp(aoff + p * acs + i * ars)]
                 for j in range(NR):
@@ -306,12 +327,12 @@ def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, c
             tile[x] = acc[x]
     elif beta == 0:  # C may hold garbage or NaN: never read it
         for i in range(mr):
-            row = C[np.uintp(coff + i * crs):]
+            row = _tail(C, coff + i * crs)
             for j in range(NR):
                 row[j] = alpha * acc[i * NR + j]
     else:
         for i in range(mr):
-            row = C[np.uintp(coff + i * crs):]
+            row = _tail(C, coff + i * crs)
             for j in range(NR):
                 row[j] = alpha * acc[i * NR + j] + beta * row[j]
 
@@ -501,8 +522,8 @@ def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
     if bcs == 1:
         for p in range(kc):
             s = boff + p * brs
-            src = B[np.uintp(s):]
-            row = panel[np.uintp(p * NR):]
+            src = _tail(B, s)
+            row = _tail(panel, p * NR)
             if s + NR <= B.shape[0]:
                 reg = _row_registers(B)  # all loads before the stores: B and buf may alias for LLVM
                 for j in range(NR):
