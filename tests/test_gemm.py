@@ -233,6 +233,18 @@ def test_out_overlapping_input_raises():
     x = np.ones((4, 4))
     with pytest.raises(ValueError, match="overlaps input b"):
         fastkern.matmul(np.ones((4, 4)), x, out=x)
+    with pytest.raises(ValueError, match="overlaps input a"):
+        fastkern.matmul(x, np.ones((4, 4)), out=x)
+    big = np.ones((8, 4))
+    with pytest.raises(ValueError, match="overlaps input a"):  # out and a: views of one array
+        fastkern.matmul(big[2:6], np.ones((4, 4)), out=big[4:])
+    with pytest.raises(ValueError, match="overlaps input b"):  # out a view of b, which owns
+        fastkern.matmul(np.ones((4, 8)), big, out=big[:4])
+    with pytest.raises(ValueError, match="overlaps input a"):  # a a view of out, which owns
+        fastkern.matmul(x.T, np.ones((4, 4)), out=x)
+    out = np.empty((4, 4))
+    fastkern.matmul(np.ones((4, 4)), np.ones((4, 4)), out=out)  # separate arrays: no error
+    fastkern.matmul(big[:4], np.ones((4, 4)), out=np.empty((4, 4)))
 
 
 def test_bad_scalars_raise():
