@@ -470,6 +470,9 @@ def dot_tile(nvec, n_runs, A, aoffs, astep, B, boffs, bstep, P, poff):
 # --------------------------------------------------------------------------- #
 # Packing.
 
+_mr_registers = _stack_array(lambda dt: MR_F32 if dt == types.float32 else MR_F64)
+
+
 @njit(cache=True, _nrt=False)
 def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
     """Rows [0, mc) x cols [0, kc) of A (from aoff) into MR-row micro-panels, zero padded.
@@ -491,7 +494,17 @@ def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
                 src = A[np.uintp(aoff + (q * mr + i) * ars):]
                 for p in range(kc):
                     panel[p * mr + i] = src[p]
-        elif ars == 1:  # transposed A: its columns are contiguous
+        elif ars == 1 and rows == mr and mr == _tile_rows(A):  # transposed A: MR contiguous values per k
+            mrc = _tile_rows(A)  # a constant: the copies unroll
+            reg = _mr_registers(A)  # loads before stores, which LLVM may not reorder: one vector each
+            for p in range(kc):
+                src = _tail(A, aoff + q * mrc + p * acs)
+                for i in range(mrc):
+                    reg[i] = src[i]
+                dst = _tail(panel, p * mrc)
+                for i in range(mrc):
+                    dst[i] = reg[i]
+        elif ars == 1:
             for p in range(kc):
                 src = A[np.uintp(aoff + q * mr + p * acs):]
                 dst = panel[p * mr:]
