@@ -166,7 +166,7 @@ def _grid_copy(xn, xg, geo, grid, to_grid):
         for z in range(min(d, dp - pd)):
             for r in range(min(h, hp - ph)):
                 o = ((c * dp + z + pd) * hp + r + ph) * wp + pw
-                inside = xg[o:o + run]
+                inside = _tail(xg, o)
                 sample = xn[c, z, r]
                 if to_grid:
                     for e in range(run):
@@ -188,9 +188,9 @@ def _columns(xg, col, ld, goffs, n_rows_band, win, geo, fold):
             s0 = goffs[kk] + win[rr]
             d0 = kk * ld + rr * ow
             if fold:
-                src = col[d0:d0 + ow]
+                src = _tail(col, d0)
                 if sw == 1:
-                    dst = xg[s0:s0 + ow]
+                    dst = _tail(xg, s0)
                     for e in range(ow):
                         dst[e] += src[e]
                 else:
@@ -317,10 +317,10 @@ def _spread_rows(row, g, y, relu, ocol, n_rows, ow):
         row[e] = zero
     for rr in range(n_rows):
         c0 = ocol[rr]
-        dst = row[c0:c0 + ow]
-        src = g[rr * ow:(rr + 1) * ow]
+        dst = _tail(row, c0)
+        src = _tail(g, rr * ow)
         if relu:
-            pos_y = y[rr * ow:(rr + 1) * ow]
+            pos_y = _tail(y, rr * ow)
             for e in range(ow):
                 dst[e] = src[e] if pos_y[e] > 0 else zero
         else:
@@ -396,8 +396,8 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
                         yrow = y[n, g * mg + co]
                         for rr in range(r1 - r0):
                             c0 = co * ld + ocol[rr]
-                            res = cbuf[c0:c0 + ow]
-                            dst = yrow[(r0 + rr) * ow:(r0 + rr + 1) * ow]
+                            res = _tail(cbuf, c0)  # views without a slice's clamping: this runs per row
+                            dst = _tail(yrow, (r0 + rr) * ow)
                             if relu:  # fused: one pass over y instead of two
                                 for e in range(ow):
                                     v = res[e] + bv
