@@ -89,6 +89,21 @@ def test_parallel_driver_column_slabs_and_shared_rows(dtype, m, k, n):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m, k, n", [(256, 300, 64), (131, 520, 40), (300, 64, 600), (12, 700, 33)])
+def test_packed_path_with_transposed_a(dtype, m, k, n):
+    # A transposed (a weight gradient's gy.T) and packed: whole MR-row panels are copied one
+    # vector per k, the ragged last panel row by row and zero padded
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal((k, m)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    ref = g.T.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_allclose(fastkern.matmul(g, b, trans_a=True), ref, rtol=0,
+                               atol=_tol(np.dtype(dtype), k, 4))
+    np.testing.assert_allclose(fastkern.matmul(g, b[:, ::-1], trans_a=True), ref[:, ::-1], rtol=0,
+                               atol=_tol(np.dtype(dtype), k, 4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("view", ["C", "T", "step", "slice", "neg"])
 @pytest.mark.parametrize("m, k, n", [(40, 70, 100), (200, 120, 84), (64, 256, 64), (50, 9, 16),
                                      (20, 300, 40), (100, 500, 100), (128, 512, 8)])
