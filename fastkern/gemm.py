@@ -208,6 +208,51 @@ def _tail(typingctx, arr, start):
     return arrty(arr, types.intp), codegen
 
 
+def _transposer(block_for):
+    """An intrinsic ``f(src, soff, sstride, dst, doff, dstride)`` transposing one L x L block,
+    L = ``block_for(dtype)``: ``dst[doff + c*dstride + r] = src[soff + r*sstride + c]``.
+
+    L rows are loaded as vectors and swapped in log2(L) rounds of two-input shuffles (each
+    round exchanges the off-diagonal halves of 2s x 2s blocks), then stored as vectors:
+    3 log2(L) / L instructions per element where scalar copies take about one cycle.
+    LLVM does not find this from scalar code, so it is written in IR. No bounds checks:
+    the caller keeps every row of L elements inside both buffers.
+    """
+    @intrinsic
+    def transpose(typingctx, src, soff, sstride, dst, doff, dstride):
+        n = block_for(src.dtype)
+        idx = types.intp
+
+        def codegen(context, builder, sig, args):
+            s_ary = make_array(sig.args[0])(context, builder, value=args[0])
+            d_ary = make_array(sig.args[3])(context, builder, value=args[3])
+            vptr = llvm_ir.VectorType(context.get_data_type(src.dtype), n).as_pointer()
+
+            def row(ary, off, stride, r):
+                at = builder.add(off, builder.mul(stride, context.get_constant(idx, r)))
+                return builder.bitcast(builder.gep(ary.data, [at]), vptr)
+
+            rows = [builder.load(row(s_ary, args[1], args[2], r), align=1) for r in range(n)]
+            half = n // 2
+            while half:
+                lo = [j if j & half == 0 else n + j - half for j in range(n)]
+                hi = [j + half if j & half == 0 else n + j for j in range(n)]
+                masks = [llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), n), m) for m in (lo, hi)]
+                for i in range(n):
+                    if i & half == 0:
+                        a, b = rows[i], rows[i + half]
+                        rows[i] = builder.shuffle_vector(a, b, masks[0])
+                        rows[i + half] = builder.shuffle_vector(a, b, masks[1])
+                half //= 2
+            for c in range(n):
+                builder.store(rows[c], row(d_ary, args[4], args[5], c), align=1)
+            return context.get_dummy_value()
+
+        return types.none(src, idx, idx, dst, idx, idx), codegen
+
+    return transpose
+
+
 @intrinsic
 def _claim(typingctx, counters, slot):
     """Atomically take the next number from ``counters[slot]`` (int64): a work queue for prange."""
@@ -471,6 +516,8 @@ def dot_tile(nvec, n_runs, A, aoffs, astep, B, boffs, bstep, P, poff):
 # Packing.
 
 _mr_registers = _stack_array(lambda dt: MR_F32 if dt == types.float32 else MR_F64)
+_transpose_mr = _transposer(lambda dt: MR_F32 if dt == types.float32 else MR_F64)
+_transpose_lanes = _transposer(lambda dt: 64 * 8 // dt.bitwidth)
 
 
 @njit(cache=True, _nrt=False)
@@ -483,9 +530,12 @@ def _pack_a(A, aoff, ars, acs, mc, kc, buf, mr):
     for q in range(_cdiv(mc, mr)):
         rows = min(mr, mc - q * mr)
         panel = buf[q * mr * kc:]
-        if acs == 1 and rows == mr:  # rows of A are contiguous: read mr row streams at once
+        if acs == 1 and rows == mr and mr == _tile_rows(A):  # rows of A contiguous: MR x MR transposes
             base = aoff + q * mr * ars
-            for p in range(kc):
+            whole = kc - kc % mr
+            for p in range(0, whole, mr):
+                _transpose_mr(A, base + p, ars, panel, p * mr, mr)
+            for p in range(whole, kc):
                 dst = panel[np.uintp(p * mr):]
                 for i in range(mr):
                     dst[i] = A[np.uintp(base + i * ars + p)]
@@ -548,7 +598,17 @@ def _pack_b_panel(B, boff, brs, bcs, kc, nr, buf, dst):
                     row[j] = src[j]
                 for j in range(nr, NR):
                     row[j] = 0
-    else:  # transposed or strided B: walk down its columns
+    elif brs == 1 and nr == NR:  # transposed B, a whole panel: lanes x lanes transposes
+        vl = _lanes(B)
+        whole = kc - kc % vl
+        for p in range(0, whole, vl):
+            for j in range(0, NR, vl):
+                _transpose_lanes(B, boff + j * bcs + p, bcs, panel, p * NR + j, NR)
+        for j in range(NR):
+            src = B[np.uintp(boff + j * bcs):]
+            for p in range(whole, kc):
+                panel[p * NR + j] = src[p]
+    else:  # strided B or a transposed edge panel: walk down its columns
         for j in range(nr):
             src = B[np.uintp(boff + j * bcs):]
             if brs == 1:
