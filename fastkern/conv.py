@@ -47,7 +47,8 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized, zeros
-from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail, _tile_rows, borrowed, dot_tile,
+from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail, _tile_rows,
+                   _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .threads import get_num_threads
@@ -330,6 +331,26 @@ def _spread_rows(row, g, y, relu, ocol, n_rows, ow):
 
 
 @njit(cache=True, _nrt=False)
+def _channel_panel(dyw, base, ld, n_ch, ncol, pan):
+    """``pan[l*NR + c] = dyw[base + c*ld + l]`` for l < ncol, c < NR (zero past n_ch channels): an
+    NR-channel panel of grad_y, transposed in lanes x lanes register blocks where whole."""
+    vl = _lanes(dyw)
+    zero = dyw.dtype.type(0)
+    whole_l = ncol - ncol % vl
+    for c0 in range(0, NR, vl):
+        if c0 + vl <= n_ch:
+            for l0 in range(0, whole_l, vl):
+                _transpose_lanes(dyw, base + c0 * ld + l0, ld, pan, l0 * NR + c0, NR)
+            lo = whole_l
+        else:
+            lo = 0
+        for l in range(lo, ncol):
+            dst = _tail(pan, l * NR + c0)
+            for c in range(vl):
+                dst[c] = dyw[base + (c0 + c) * ld + l] if c0 + c < n_ch else zero
+
+
+@njit(cache=True, _nrt=False)
 def _pack_weights(w, wpk, transpose, mr):
     # w (G, Mg, K): per group, W[g] (forward, Mg x K) or W[g].T (grad input, K x Mg) in MR-row panels
     mg, k = w.shape[1], w.shape[2]
@@ -488,12 +509,8 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
                                    boffs)
                     elif not dot:  # grad weight: dW[g].T += cols (K x ncol, rows in place) @ dyw[g].T (packed here)
                         for q in range(mgp // NR):
-                            pan = dyt[q * ncol * NR:(q + 1) * ncol * NR]
-                            for l in range(ncol):
-                                dst = pan[l * NR:(l + 1) * NR]
-                                for c in range(NR):
-                                    co = q * NR + c
-                                    dst[c] = dyw[(g * mg + co) * ld + l] if co < mg else zero
+                            _channel_panel(dyw, (g * mg + q * NR) * ld, ld, min(NR, mg - q * NR), ncol,
+                                           dyt[q * ncol * NR:(q + 1) * ncol * NR])
                         tiles_a_rows(k, mg, ncol, src, g * gstride + jb, arows, dyt, dwt_t[g].reshape(-1), mgp,
                                      tile)
                     if do_dx:
@@ -521,7 +538,8 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
                                lpad, boffs)
 
 
-for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights, _sum_span, _spread_rows,
+for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
+                _spread_rows,
                 _dot_tiles,
                 _forward_kernel, _backward_kernel):
     vectorized(_kernel)
