@@ -221,6 +221,9 @@ def _transposer(block_for):
     """
     @intrinsic
     def transpose(typingctx, src, soff, sstride, dst, doff, dstride):
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (src, dst)) \
+                or src.dtype != dst.dtype:
+            return None
         n = block_for(src.dtype)
         idx = types.intp
 
