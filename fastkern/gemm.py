@@ -285,6 +285,51 @@ def _prefetch_write(typingctx, arr, idx):
     return types.none(arr, types.intp), codegen
 
 
+@intrinsic
+def _store_vector(typingctx, dst, doff, src, soff, n, alpha, beta):
+    """``dst[doff + e] = alpha*src[soff + e] + beta*dst[doff + e]`` for ``e < min(n, VL)``, one
+    masked vector store (``dst`` not read when beta == 0). ``src`` must hold a whole vector
+    from ``soff``; ``dst`` is touched only in the n lanes. For tile write-backs whose width
+    is known only at run time, where a scalar loop cost tens of instructions per row."""
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (src, dst))
+            and src.dtype == dst.dtype and isinstance(src.dtype, types.Float)):
+        return None
+    vl = 64 * 8 // src.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        d_ary = make_array(sig.args[0])(context, builder, value=args[0])
+        s_ary = make_array(sig.args[2])(context, builder, value=args[2])
+        fty = context.get_data_type(src.dtype)
+        vty = llvm_ir.VectorType(fty, vl)
+        i1v, i64 = llvm_ir.VectorType(llvm_ir.IntType(1), vl), llvm_ir.IntType(64)
+        i32 = llvm_ir.IntType(32)
+        suffix = f"v{vl}f{src.dtype.bitwidth}.p0"
+        store_fn = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [vty, vty.as_pointer(), i32, i1v]),
+            "llvm.masked.store." + suffix)
+        load_fn = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(vty, [vty.as_pointer(), i32, i1v, vty]), "llvm.masked.load." + suffix)
+
+        def splat(value, ty):
+            one = builder.insert_element(llvm_ir.Constant(ty, None), value, i32(0))
+            return builder.shuffle_vector(one, one, llvm_ir.Constant(llvm_ir.VectorType(i32, vl), [0] * vl))
+
+        x = builder.load(builder.bitcast(builder.gep(s_ary.data, [args[3]]), vty.as_pointer()), align=1)
+        ptr = builder.bitcast(builder.gep(d_ary.data, [args[1]]), vty.as_pointer())
+        lanes = llvm_ir.Constant(llvm_ir.VectorType(i64, vl), list(range(vl)))
+        mask = builder.icmp_signed("<", lanes, splat(args[4], llvm_ir.VectorType(i64, vl)))
+        y = builder.fmul(splat(args[5], vty), x)
+        with builder.if_else(builder.fcmp_ordered("==", args[6], fty(0))) as (zero_beta, other):
+            with zero_beta:  # C may hold garbage or NaN: never read it
+                builder.call(store_fn, [y, ptr, i32(1), mask])
+            with other:
+                c = builder.call(load_fn, [ptr, i32(1), mask, llvm_ir.Constant(vty, None)])
+                builder.call(store_fn, [builder.fadd(y, builder.fmul(splat(args[6], vty), c)), ptr, i32(1), mask])
+        return context.get_dummy_value()
+
+    return types.none(dst, types.intp, src, types.intp, types.intp, src.dtype, src.dtype), codegen
+
+
 @njit(inline="always")
 def _cdiv(a, b):
     return (a + b - 1) // b
@@ -390,15 +435,10 @@ def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, c
 def _store_tile(tile, ld, i_lo, i_hi, nr, C, coff, crs, ccs, alpha, beta):
     """C[coff + i*crs + j*ccs] = alpha*tile[i*ld + j] + beta*C for tile rows [i_lo, i_hi), cols [0, nr)."""
     if ccs == 1:  # rows contiguous: plain stores (a run-time column stride made LLVM scatter)
+        vl = _lanes(C)
         for i in range(i_lo, i_hi):
-            row = C[np.uintp(coff + i * crs):]
-            src = tile[np.uintp(i * ld):]
-            if beta == 0:
-                for j in range(nr):
-                    row[j] = alpha * src[j]
-            else:
-                for j in range(nr):
-                    row[j] = alpha * src[j] + beta * row[j]
+            for v in range(0, nr, vl):
+                _store_vector(C, coff + i * crs + v, tile, i * ld + v, nr - v, alpha, beta)
         return
     for i in range(i_lo, i_hi):
         row = coff + i * crs
