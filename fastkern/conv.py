@@ -47,8 +47,8 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized, zeros
-from .gemm import (DOT_R, DOT_S, NR, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail, _tile_rows,
-                   _transpose_lanes, borrowed, dot_tile,
+from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail,
+                   _tile_rows, _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .threads import get_num_threads
@@ -379,6 +379,7 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
     n_units = _cdiv(n_items, unit)
     claims = zeros(1, np.int64)
     zero = y.dtype.type(0)
+    vl = _lanes(y)
     for t in prange(n_threads):
         buf = ws[t]
         xg = buf[:grid_len]
@@ -415,17 +416,10 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
                     for co in range(mg):
                         bv = bias[g * mg + co] if has_bias else zero
                         yrow = y[n, g * mg + co]
-                        for rr in range(r1 - r0):
+                        for rr in range(r1 - r0):  # bias and the fused ReLU: one pass over y
                             c0 = co * ld + ocol[rr]
-                            res = _tail(cbuf, c0)  # views without a slice's clamping: this runs per row
-                            dst = _tail(yrow, (r0 + rr) * ow)
-                            if relu:  # fused: one pass over y instead of two
-                                for e in range(ow):
-                                    v = res[e] + bv
-                                    dst[e] = zero if v < 0 else v  # NaN passes through, as in torch
-                            else:
-                                for e in range(ow):
-                                    dst[e] = res[e] + bv
+                            for e in range(0, ow, vl):  # masked vectors: ow is known at run time only
+                                _bias_relu_vector(yrow, (r0 + rr) * ow + e, cbuf, c0 + e, ow - e, bv, relu)
 
 
 @njit(cache=True, _nrt=False)

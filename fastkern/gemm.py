@@ -285,49 +285,93 @@ def _prefetch_write(typingctx, arr, idx):
     return types.none(arr, types.intp), codegen
 
 
+class _MaskedRow:
+    """IR helpers of the masked row intrinsics: one vector of ``dtype`` at a time."""
+
+    def __init__(self, context, builder, dtype):
+        self.b, self.fty = builder, context.get_data_type(dtype)
+        self.vl = vl = 64 * 8 // dtype.bitwidth
+        self.vty = llvm_ir.VectorType(self.fty, vl)
+        self.i32 = i32 = llvm_ir.IntType(32)
+        i1v = llvm_ir.VectorType(llvm_ir.IntType(1), vl)
+        suffix = f"v{vl}f{dtype.bitwidth}.p0"
+        ptr = self.vty.as_pointer()
+        self.store_fn = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [self.vty, ptr, i32, i1v]),
+            "llvm.masked.store." + suffix)
+        self.load_fn = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(self.vty, [ptr, i32, i1v, self.vty]), "llvm.masked.load." + suffix)
+
+    def splat(self, value, ty):
+        one = self.b.insert_element(llvm_ir.Constant(ty, None), value, self.i32(0))
+        return self.b.shuffle_vector(one, one, llvm_ir.Constant(llvm_ir.VectorType(self.i32, self.vl), [0] * self.vl))
+
+    def pointer(self, ary, off):
+        return self.b.bitcast(self.b.gep(ary.data, [off]), self.vty.as_pointer())
+
+    def mask(self, n):
+        """Lanes [0, n) of a vector (all of them when n >= VL)."""
+        i64v = llvm_ir.VectorType(llvm_ir.IntType(64), self.vl)
+        return self.b.icmp_signed("<", llvm_ir.Constant(i64v, list(range(self.vl))), self.splat(n, i64v))
+
+    def store(self, value, ptr, mask):
+        self.b.call(self.store_fn, [value, ptr, self.i32(1), mask])
+
+    def load(self, ptr, mask):
+        return self.b.call(self.load_fn, [ptr, self.i32(1), mask, llvm_ir.Constant(self.vty, None)])
+
+
+def _row_pair(src, dst):
+    return (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (src, dst))
+            and src.dtype == dst.dtype and isinstance(src.dtype, types.Float))
+
+
 @intrinsic
 def _store_vector(typingctx, dst, doff, src, soff, n, alpha, beta):
     """``dst[doff + e] = alpha*src[soff + e] + beta*dst[doff + e]`` for ``e < min(n, VL)``, one
     masked vector store (``dst`` not read when beta == 0). ``src`` must hold a whole vector
     from ``soff``; ``dst`` is touched only in the n lanes. For tile write-backs whose width
     is known only at run time, where a scalar loop cost tens of instructions per row."""
-    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (src, dst))
-            and src.dtype == dst.dtype and isinstance(src.dtype, types.Float)):
+    if not _row_pair(src, dst):
         return None
-    vl = 64 * 8 // src.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
         d_ary = make_array(sig.args[0])(context, builder, value=args[0])
         s_ary = make_array(sig.args[2])(context, builder, value=args[2])
-        fty = context.get_data_type(src.dtype)
-        vty = llvm_ir.VectorType(fty, vl)
-        i1v, i64 = llvm_ir.VectorType(llvm_ir.IntType(1), vl), llvm_ir.IntType(64)
-        i32 = llvm_ir.IntType(32)
-        suffix = f"v{vl}f{src.dtype.bitwidth}.p0"
-        store_fn = cgutils.get_or_insert_function(
-            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [vty, vty.as_pointer(), i32, i1v]),
-            "llvm.masked.store." + suffix)
-        load_fn = cgutils.get_or_insert_function(
-            builder.module, llvm_ir.FunctionType(vty, [vty.as_pointer(), i32, i1v, vty]), "llvm.masked.load." + suffix)
-
-        def splat(value, ty):
-            one = builder.insert_element(llvm_ir.Constant(ty, None), value, i32(0))
-            return builder.shuffle_vector(one, one, llvm_ir.Constant(llvm_ir.VectorType(i32, vl), [0] * vl))
-
-        x = builder.load(builder.bitcast(builder.gep(s_ary.data, [args[3]]), vty.as_pointer()), align=1)
-        ptr = builder.bitcast(builder.gep(d_ary.data, [args[1]]), vty.as_pointer())
-        lanes = llvm_ir.Constant(llvm_ir.VectorType(i64, vl), list(range(vl)))
-        mask = builder.icmp_signed("<", lanes, splat(args[4], llvm_ir.VectorType(i64, vl)))
-        y = builder.fmul(splat(args[5], vty), x)
-        with builder.if_else(builder.fcmp_ordered("==", args[6], fty(0))) as (zero_beta, other):
+        r = _MaskedRow(context, builder, src.dtype)
+        x = builder.load(r.pointer(s_ary, args[3]), align=1)
+        ptr, mask = r.pointer(d_ary, args[1]), r.mask(args[4])
+        y = builder.fmul(r.splat(args[5], r.vty), x)
+        with builder.if_else(builder.fcmp_ordered("==", args[6], r.fty(0))) as (zero_beta, other):
             with zero_beta:  # C may hold garbage or NaN: never read it
-                builder.call(store_fn, [y, ptr, i32(1), mask])
+                r.store(y, ptr, mask)
             with other:
-                c = builder.call(load_fn, [ptr, i32(1), mask, llvm_ir.Constant(vty, None)])
-                builder.call(store_fn, [builder.fadd(y, builder.fmul(splat(args[6], vty), c)), ptr, i32(1), mask])
+                c = r.load(ptr, mask)
+                r.store(builder.fadd(y, builder.fmul(r.splat(args[6], r.vty), c)), ptr, mask)
         return context.get_dummy_value()
 
     return types.none(dst, types.intp, src, types.intp, types.intp, src.dtype, src.dtype), codegen
+
+
+@intrinsic
+def _bias_relu_vector(typingctx, dst, doff, src, soff, n, bias, relu):
+    """``dst[doff + e] = src[soff + e] + bias``, through ReLU with ``relu`` (NaN passes, as in
+    torch), for ``e < min(n, VL)``: one masked store. ``src`` must hold a whole vector."""
+    if not _row_pair(src, dst):
+        return None
+
+    def codegen(context, builder, sig, args):
+        d_ary = make_array(sig.args[0])(context, builder, value=args[0])
+        s_ary = make_array(sig.args[2])(context, builder, value=args[2])
+        r = _MaskedRow(context, builder, src.dtype)
+        v = builder.fadd(builder.load(r.pointer(s_ary, args[3]), align=1), r.splat(args[5], r.vty))
+        zero = llvm_ir.Constant(r.vty, None)
+        clipped = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+        is_relu = builder.icmp_unsigned("!=", args[6], llvm_ir.Constant(args[6].type, 0))
+        r.store(builder.select(is_relu, clipped, v), r.pointer(d_ary, args[1]), r.mask(args[4]))
+        return context.get_dummy_value()
+
+    return types.none(dst, types.intp, src, types.intp, types.intp, src.dtype, types.boolean), codegen
 
 
 @njit(inline="always")
