@@ -326,52 +326,52 @@ def _row_pair(src, dst):
             and src.dtype == dst.dtype and isinstance(src.dtype, types.Float))
 
 
-@intrinsic
-def _store_vector(typingctx, dst, doff, src, soff, n, alpha, beta):
-    """``dst[doff + e] = alpha*src[soff + e] + beta*dst[doff + e]`` for ``e < min(n, VL)``, one
-    masked vector store (``dst`` not read when beta == 0). ``src`` must hold a whole vector
-    from ``soff``; ``dst`` is touched only in the n lanes. For tile write-backs whose width
-    is known only at run time, where a scalar loop cost tens of instructions per row."""
-    if not _row_pair(src, dst):
-        return None
+def _masked_row(extra, body):
+    """An intrinsic ``f(dst, doff, src, soff, n, p, q)`` that loads one whole vector of ``src``
+    from ``soff`` and has ``body(r, x, ptr, mask, p, q)`` store lanes ``[0, n)`` (all when
+    n >= VL) at ``dst[doff:]`` with a masked store; ``extra(dtype)`` types p and q. For row
+    write-backs whose width is known only at run time, where a scalar loop cost tens of
+    instructions per row. ``src`` must hold a whole vector from ``soff``; ``dst`` is touched
+    only in the n lanes."""
+    @intrinsic
+    def row_op(typingctx, dst, doff, src, soff, n, p, q):
+        if not _row_pair(src, dst):
+            return None
 
-    def codegen(context, builder, sig, args):
-        d_ary = make_array(sig.args[0])(context, builder, value=args[0])
-        s_ary = make_array(sig.args[2])(context, builder, value=args[2])
-        r = _MaskedRow(context, builder, src.dtype)
-        x = builder.load(r.pointer(s_ary, args[3]), align=1)
-        ptr, mask = r.pointer(d_ary, args[1]), r.mask(args[4])
-        y = builder.fmul(r.splat(args[5], r.vty), x)
-        with builder.if_else(builder.fcmp_ordered("==", args[6], r.fty(0))) as (zero_beta, other):
-            with zero_beta:  # C may hold garbage or NaN: never read it
-                r.store(y, ptr, mask)
-            with other:
-                c = r.load(ptr, mask)
-                r.store(builder.fadd(y, builder.fmul(r.splat(args[6], r.vty), c)), ptr, mask)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            d_ary = make_array(sig.args[0])(context, builder, value=args[0])
+            s_ary = make_array(sig.args[2])(context, builder, value=args[2])
+            r = _MaskedRow(context, builder, src.dtype)
+            x = builder.load(r.pointer(s_ary, args[3]), align=1)
+            body(r, x, r.pointer(d_ary, args[1]), r.mask(args[4]), args[5], args[6])
+            return context.get_dummy_value()
 
-    return types.none(dst, types.intp, src, types.intp, types.intp, src.dtype, src.dtype), codegen
+        return types.none(dst, types.intp, src, types.intp, types.intp, *extra(src.dtype)), codegen
+
+    return row_op
 
 
-@intrinsic
-def _bias_relu_vector(typingctx, dst, doff, src, soff, n, bias, relu):
-    """``dst[doff + e] = src[soff + e] + bias``, through ReLU with ``relu`` (NaN passes, as in
-    torch), for ``e < min(n, VL)``: one masked store. ``src`` must hold a whole vector."""
-    if not _row_pair(src, dst):
-        return None
+def _scaled_row(r, x, ptr, mask, alpha, beta):
+    y = r.b.fmul(r.splat(alpha, r.vty), x)
+    with r.b.if_else(r.b.fcmp_ordered("==", beta, r.fty(0))) as (zero_beta, other):
+        with zero_beta:  # C may hold garbage or NaN: never read it
+            r.store(y, ptr, mask)
+        with other:
+            c = r.load(ptr, mask)
+            r.store(r.b.fadd(y, r.b.fmul(r.splat(beta, r.vty), c)), ptr, mask)
 
-    def codegen(context, builder, sig, args):
-        d_ary = make_array(sig.args[0])(context, builder, value=args[0])
-        s_ary = make_array(sig.args[2])(context, builder, value=args[2])
-        r = _MaskedRow(context, builder, src.dtype)
-        v = builder.fadd(builder.load(r.pointer(s_ary, args[3]), align=1), r.splat(args[5], r.vty))
-        zero = llvm_ir.Constant(r.vty, None)
-        clipped = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
-        is_relu = builder.icmp_unsigned("!=", args[6], llvm_ir.Constant(args[6].type, 0))
-        r.store(builder.select(is_relu, clipped, v), r.pointer(d_ary, args[1]), r.mask(args[4]))
-        return context.get_dummy_value()
 
-    return types.none(dst, types.intp, src, types.intp, types.intp, src.dtype, types.boolean), codegen
+def _bias_relu_row(r, x, ptr, mask, bias, relu):
+    v = r.b.fadd(x, r.splat(bias, r.vty))
+    zero = llvm_ir.Constant(r.vty, None)
+    clipped = r.b.select(r.b.fcmp_ordered("<", v, zero), zero, v)  # NaN passes, as in torch
+    r.store(r.b.select(r.b.icmp_unsigned("!=", relu, llvm_ir.Constant(relu.type, 0)), clipped, v), ptr, mask)
+
+
+# dst[doff + e] = alpha*src[soff + e] + beta*dst[doff + e] (dst not read when beta == 0)
+_store_vector = _masked_row(lambda dt: (dt, dt), _scaled_row)
+# dst[doff + e] = src[soff + e] + bias, through ReLU when relu
+_bias_relu_vector = _masked_row(lambda dt: (dt, types.boolean), _bias_relu_row)
 
 
 @njit(inline="always")
