@@ -76,31 +76,24 @@ def test_matmul_cnn_and_blocked_shapes(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("m, k, n", [(128, 600, 256), (64, 784, 128), (70, 530, 96), (260, 300, 60)])
-def test_parallel_driver_column_slabs_and_shared_rows(dtype, m, k, n):
-    # K past one block and B transposed (a linear layer's W.T): column slabs unless M spans
-    # ROW_SPLIT times N's tiles, shared row blocks otherwise (the last shape), ragged edges
+@pytest.mark.parametrize("trans, m, k, n", [
+    ("b", 128, 600, 256), ("b", 64, 784, 128), ("b", 70, 530, 96), ("b", 260, 300, 60),
+    ("a", 256, 300, 64), ("a", 131, 520, 40), ("a", 300, 64, 600), ("a", 12, 700, 33)])
+def test_packed_paths_with_a_transposed_operand(dtype, trans, m, k, n):
+    # B transposed (a linear layer's W.T), K past one block: column slabs unless M spans
+    # ROW_SPLIT times N's tiles, shared row blocks otherwise (the fourth shape), ragged edges.
+    # A transposed (a weight gradient's gy.T): whole MR-row panels copied one vector per k,
+    # the ragged last one row by row and zero padded; also against a reversed B
     rng = np.random.default_rng(4)
-    a = rng.standard_normal((m, k)).astype(dtype)
-    w = rng.standard_normal((n, k)).astype(dtype)
-    ref = a.astype(np.float64) @ w.T.astype(np.float64)
-    np.testing.assert_allclose(fastkern.matmul(a, w, trans_b=True), ref, rtol=0,
-                               atol=_tol(np.dtype(dtype), k, 4))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("m, k, n", [(256, 300, 64), (131, 520, 40), (300, 64, 600), (12, 700, 33)])
-def test_packed_path_with_transposed_a(dtype, m, k, n):
-    # A transposed (a weight gradient's gy.T) and packed: whole MR-row panels are copied one
-    # vector per k, the ragged last panel row by row and zero padded
-    rng = np.random.default_rng(6)
-    g = rng.standard_normal((k, m)).astype(dtype)
-    b = rng.standard_normal((k, n)).astype(dtype)
-    ref = g.T.astype(np.float64) @ b.astype(np.float64)
-    np.testing.assert_allclose(fastkern.matmul(g, b, trans_a=True), ref, rtol=0,
-                               atol=_tol(np.dtype(dtype), k, 4))
-    np.testing.assert_allclose(fastkern.matmul(g, b[:, ::-1], trans_a=True), ref[:, ::-1], rtol=0,
-                               atol=_tol(np.dtype(dtype), k, 4))
+    a = rng.standard_normal((k, m) if trans == "a" else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans == "b" else (k, n)).astype(dtype)
+    opa, opb = (a.T if trans == "a" else a), (b.T if trans == "b" else b)
+    ref = opa.astype(np.float64) @ opb.astype(np.float64)
+    atol = _tol(np.dtype(dtype), k, 4)
+    np.testing.assert_allclose(fastkern.matmul(a, b, trans_a=trans == "a", trans_b=trans == "b"), ref,
+                               rtol=0, atol=atol)
+    if trans == "a":
+        np.testing.assert_allclose(fastkern.matmul(a, b[:, ::-1], trans_a=True), ref[:, ::-1], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
