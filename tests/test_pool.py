@@ -133,20 +133,52 @@ def test_overlapping_windows_accumulate_and_padding_never_wins():
     assert gx[0, 0, 2, 2] == 9.0 and gx.sum() == y.size
 
 
-@pytest.mark.parametrize("shape", [(64, 32, 32, 32), (3, 5, 31, 17), (2, 2, 3, 3), (4, 8, 2, 9)])
-def test_2x2_fast_path_including_odd_sizes_and_parallel(shape):
-    x = _x(shape, 4, np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 32, 32, 32), (3, 5, 31, 17), (2, 2, 3, 3), (4, 8, 2, 9), (2, 3, 6, 34),
+                                   (1, 2, 5, 67)])
+def test_2x2_fast_path_including_odd_sizes_and_parallel(shape, dtype):
+    x = _x(shape, 4, dtype)
     y, idx = fk.max_pool2d(x, 2, return_indices=True)
     if shape[0] <= 3:
         ry, ridx = ref_max_pool2d(x, (2, 2), (2, 2), (0, 0), (1, 1))
         np.testing.assert_array_equal(y, ry)
         np.testing.assert_array_equal(idx, ridx)
-    g = _x(y.shape, 5, np.float32)
+    g = _x(y.shape, 5, dtype)
     gx = fk.max_pool2d_backward(g, idx, shape, 2)
     n, c, h, w = shape
-    want = np.zeros((n * c, h * w), np.float32)
+    want = np.zeros((n * c, h * w), dtype)
     np.put_along_axis(want, idx.reshape(n * c, -1), g.reshape(n * c, -1), axis=1)
     np.testing.assert_array_equal(gx, want.reshape(shape))
+
+
+def ref_torch_scan_2x2(x):
+    """torch's CPU max pool scan over a 2x2 window: strict >, and a NaN always takes over."""
+    n, c, h, w = x.shape
+    y = np.empty((n, c, h // 2, w // 2), x.dtype)
+    idx = np.empty(y.shape, np.int64)
+    for a, b, i, j in np.ndindex(*y.shape):
+        best, arg = x[a, b, 2 * i, 2 * j], 2 * i * w + 2 * j
+        for r, q in ((2 * i, 2 * j + 1), (2 * i + 1, 2 * j), (2 * i + 1, 2 * j + 1)):
+            v = x[a, b, r, q]
+            if v > best or np.isnan(v):
+                best, arg = v, r * w + q
+        y[a, b, i, j], idx[a, b, i, j] = best, arg
+    return y, idx
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_2x2_fast_path_ties_nans_and_infinities_follow_torchs_scan(dtype):
+    rng = np.random.default_rng(7)
+    x = rng.integers(-2, 3, (2, 3, 8, 70)).astype(dtype)  # many ties, rows of 35 windows
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[rng.random(x.shape) < 0.05] = np.inf
+    x[rng.random(x.shape) < 0.05] = -np.inf
+    x[rng.random(x.shape) < 0.05] = -0.0
+    y, idx = fk.max_pool2d(x, 2, return_indices=True)
+    ry, ridx = ref_torch_scan_2x2(x)
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_array_equal(y, ry)
+    assert np.array_equal(np.signbit(y), np.signbit(ry))
 
 
 def test_nan_wins_the_window():
