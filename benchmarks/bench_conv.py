@@ -42,7 +42,9 @@ class TimeConv2d:
         self.x, self.w, self.b = _arrays((n, c, h, w), (co, c, k, k), dtype)
         y = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
         self.gy = np.ones_like(y)
+        self.gp = np.ones_like(fastkern.max_pool2d(y, 2))
         self.time_forward_and_backward(shape, dtype, threads)  # compiles every kernel for dtype
+        self.time_forward_and_backward_through_relu_and_max_pool(shape, dtype, threads)
 
     def time_forward(self, shape, dtype, threads):
         fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
@@ -57,6 +59,13 @@ class TimeConv2d:
     def time_forward_and_backward_through_fused_relu(self, shape, dtype, threads):
         y = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, activation="relu")
         fastkern.conv2d_backward(self.gy, self.x, self.w, self.s, self.p, activation="relu", output=y)
+
+    def time_forward_and_backward_through_relu_and_max_pool(self, shape, dtype, threads):
+        # the 2x2 pool's gradient routed inside the conv backward (pool_indices), as models' Sequential runs it
+        y = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, activation="relu")
+        pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+        fastkern.conv2d_backward(self.gp, self.x, self.w, self.s, self.p, activation="relu", output=pooled,
+                                 pool_indices=idx)
 
     def track_forward_gflops(self, shape, dtype, threads):
         import time

@@ -51,6 +51,7 @@ from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _claim, _lanes, _
                    _tile_rows, _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
+from .pool import _max_2x2_back_vector
 from .threads import get_num_threads
 
 # Per-thread scratch (padded sample, column band, output tile rows) aims at
@@ -331,6 +332,29 @@ def _spread_rows(row, g, y, relu, ocol, n_rows, ow):
 
 
 @njit(cache=True, _nrt=False)
+def _spread_pooled(row, g, idx, y, relu, ocol, r0, r1, ow):
+    """:func:`_spread_rows` for a conv followed by a 2x2 stride-2 max pool: one channel's pooled
+    gradient ``g`` (its plane, (OH//2) x (OW//2) flat), routed by the pool's indices ``idx``
+    (``h*OW + w`` in the conv output plane) onto conv output rows [r0, r1) (r0 even) of the
+    output-grid row, with ``relu`` only where the pool's output ``y`` is positive. Every
+    other element is zero: a last odd row or column is in no window. Returns (the row's sum,
+    how many indices were outside their window)."""
+    zero = row.dtype.type(0)
+    for e in range(row.size):
+        row[e] = zero
+    pw = ow // 2
+    vl = _lanes(row)
+    bad = 0
+    for ph in range(r0 // 2, r1 // 2):
+        c0 = ocol[2 * ph - r0]
+        wd = ocol[2 * ph + 1 - r0] - c0
+        for e in range(0, pw, vl):
+            bad += _max_2x2_back_vector(g, ph * pw + e, idx, 2 * ph * ow + 2 * e, min(vl, pw - e), row, c0 + 2 * e,
+                                        ow, wd, y, relu)
+    return _sum_span(row), bad
+
+
+@njit(cache=True, _nrt=False)
 def _channel_panel(dyw, base, ld, n_ch, ncol, pan):
     """``pan[l*NR + c] = dyw[base + c*ld + l]`` for l < ncol, c < NR (zero past n_ch channels): an
     NR-channel panel of grad_y, transposed in lanes x lanes register blocks where whole."""
@@ -436,8 +460,9 @@ def _dot_tiles(g, n_runs, dyw, dystep, src, sstep, aoffs, toffs, dwp_g, mg, k, l
 
 
 @njit(parallel=True, cache=True)
-def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs, geo, grid, ogrid,
-                     mode, rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx, n_threads):
+def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs,
+                     geo, grid, ogrid, mode, rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx,
+                     n_threads):
     # gy (N, G*Mg, P), and with relu the forward's output yr (same shape: grad_y is taken through
     # the fused ReLU as it is spread); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx);
     # wtpk (G, packed W[g].T);
@@ -445,9 +470,12 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
     # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
     # not empty, per-lane sums of inner-product tiles (narrow layers). With stage > 1 (wide grid, one
     # band, inner-product tiles) each thread keeps the grids and grad_y of ``stage`` samples and
-    # reduces the weight gradient over all of them per tile
+    # reduces the weight gradient over all of them per tile. With ``pooled``, gy and yr are the
+    # gradient and output of a 2x2 stride-2 max pool of the conv's output (N, G*Mg, P/4) and pidx
+    # its indices; nbad (T,) counts indices outside their window
     gy, yr, x, wtpk, dx, dwt, dwp, db, ws = (borrowed(gy), borrowed(yr), borrowed(x), borrowed(wtpk), borrowed(dx),
                                              borrowed(dwt), borrowed(dwp), borrowed(db), borrowed(ws))
+    pidx, nbad = borrowed(pidx), borrowed(nbad)
     boffs, arows, dyoffs, goffs = borrowed(boffs), borrowed(arows), borrowed(dyoffs), borrowed(goffs)
     n_samples = x.shape[0]
     n_groups = wtpk.shape[0]
@@ -495,8 +523,14 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
                 j0, jb, ncol = _fill_source(x[n], xg, col, mode, geo, grid, ogrid, goffs, r0, r1, ld, win, ocol)
                 lpad = _round_up(ncol, NR)
                 for co in range(n_groups * mg):
-                    db[t, co] += _spread_rows(dyw[co * ld:co * ld + lpad], gy[n, co, r0 * ow:r1 * ow],
-                                              yr[n, co, r0 * ow:r1 * ow], relu, ocol, r1 - r0, ow)
+                    if pooled:
+                        part, bad = _spread_pooled(dyw[co * ld:co * ld + lpad], gy[n, co], pidx[n, co], yr[n, co],
+                                                   relu, ocol, r0, r1, ow)
+                        db[t, co] += part
+                        nbad[t] += bad
+                    else:
+                        db[t, co] += _spread_rows(dyw[co * ld:co * ld + lpad], gy[n, co, r0 * ow:r1 * ow],
+                                                  yr[n, co, r0 * ow:r1 * ow], relu, ocol, r1 - r0, ow)
                 for g in range(n_groups):
                     if dot and stage == 1:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
                         _dot_tiles(g, 1, dyw, 0, src, 0, aoffs, toffs, dwp[t, g], mg, k, ld, gstride, jb, lpad,
@@ -533,7 +567,7 @@ def _backward_kernel(gy, yr, relu, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, 
 
 
 for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
-                _spread_rows,
+                _spread_rows, _spread_pooled,
                 _dot_tiles,
                 _forward_kernel, _backward_kernel):
     vectorized(_kernel)
@@ -546,7 +580,7 @@ for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, 
 class _Plan:
     """Column source, band height and scratch layout of one conv call (see the module docstring)."""
 
-    def __init__(self, x5_shape, w3_shape, geo, dtype, n_threads, backward, min_bands=1, dot=False):
+    def __init__(self, x5_shape, w3_shape, geo, dtype, n_threads, backward, min_bands=1, dot=False, pooled=False):
         n, c = x5_shape[:2]
         n_groups, mg, k = w3_shape
         kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow = geo
@@ -588,6 +622,9 @@ class _Plan:
         ld, col_len, floats = layout(rt)
         while rt > 1 and floats > budget:
             rt = max(1, min(rt - 1, rt * budget // floats))
+            ld, col_len, floats = layout(rt)
+        if pooled and rt < rows and rt % 2:  # a pool window's two rows stay in one band
+            rt = max(2, rt - 1)
             ld, col_len, floats = layout(rt)
         self.rt, self.n_bands = rt, -(-rows // rt)
         # inner-product weight-gradient tiles on the wide grid of whole samples reduce over the
@@ -654,7 +691,7 @@ def _call_key(arrays, params):
 class _Call:
     """Everything a conv call derives from shapes and arguments: checked once per signature."""
 
-    def __init__(self, nd, x, weight, bias, stride, padding, dilation, groups, op, backward):
+    def __init__(self, nd, x, weight, bias, stride, padding, dilation, groups, op, backward, pooled=False):
         dtype, groups, kernel, (stride, pad_lo, _, dilation, out) = _check_conv(
             nd, x, weight, bias, stride, padding, dilation, groups, op)
         n, c_in = x.shape[:2]
@@ -666,6 +703,10 @@ class _Call:
                             lift3(out, 1))
         self.n_threads = n_threads = get_num_threads()
         self.y_shape = (n, c_out) + tuple(out)
+        if pooled and any(o < 2 for o in out):
+            raise ValueError(f"{op}: a 2x2 max pool needs a conv output of at least 2 x 2, got {tuple(out)}")
+        # the gradient the backward receives: of the conv's output, or of its 2x2 max pool
+        self.grad_shape = (n, c_out) + tuple(o // 2 for o in out) if pooled else self.y_shape
         self.plan = None
         self.dot = False
         if backward:
@@ -675,7 +716,7 @@ class _Call:
             self.dot = self.n_rt * self.n_st * DOT_R * DOT_S * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
         if n and c_out:
             self.plan = _Plan(self.x5_shape, self.w3_shape, self.geo, dtype, n_threads, backward,
-                              min_bands=-(-n_threads // n), dot=self.dot)
+                              min_bands=-(-n_threads // n), dot=self.dot, pooled=pooled)
         if backward:
             # the grid copy writes every element of grad_x unless windows stop short of the input
             # (strided) or the columns come straight from the input: then grad_x starts zeroed
@@ -755,26 +796,38 @@ def _sum_partials(dwt, dwp, db, grad_w, grad_b):
         grad_b[c] = acc
 
 
+_NO_INDICES = np.zeros((1, 1, 1), np.int64)
+
+
 def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True,
-                   activation=None, output=None):
+                   activation=None, output=None, pool_indices=None):
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
     if (activation is None) != (output is None):
         raise ValueError(f"{op}: activation='relu' needs the forward's output, and output needs activation='relu'")
-    key = _call_key((grad_y, x, weight), (nd, stride, padding, dilation, groups))
+    pooled = pool_indices is not None
+    key = _call_key((grad_y, x, weight), (nd, stride, padding, dilation, groups, "pool" if pooled else None))
     call = _CALLS.get(key) if key is not None else None
     if call is None:
-        call = _Call(nd, x, weight, None, stride, padding, dilation, groups, op, True)
+        call = _Call(nd, x, weight, None, stride, padding, dilation, groups, op, True, pooled)
         check_array(grad_y, "grad_y", nd + 2)
         check_same_dtype(grad_y=grad_y, x=x, weight=weight)
-        if grad_y.shape != call.y_shape:
-            raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the output shape is {call.y_shape}")
+        if grad_y.shape != call.grad_shape:
+            what = "the 2x2 max pool of the output" if pooled else "the output"
+            raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the shape of {what} is {call.grad_shape}")
         remember(_CALLS, key, call)
     if output is not None:
         check_array(output, "output", nd + 2)
         check_same_dtype(grad_y=grad_y, output=output)
-        if output.shape != call.y_shape:
-            raise ValueError(f"{op}: output has shape {output.shape}, the forward's output shape is {call.y_shape}")
+        if output.shape != call.grad_shape:
+            what = "pooled output" if pooled else "forward's output"
+            raise ValueError(f"{op}: output has shape {output.shape}, the {what} shape is {call.grad_shape}")
+    if pooled:
+        if not isinstance(pool_indices, np.ndarray) or pool_indices.dtype != np.int64:
+            raise TypeError(f"{op}: pool_indices must be an int64 numpy.ndarray, "
+                            f"got {getattr(pool_indices, 'dtype', type(pool_indices).__name__)}")
+        if pool_indices.shape != call.grad_shape:
+            raise ValueError(f"{op}: pool_indices has shape {pool_indices.shape}, grad_y has {call.grad_shape}")
     dtype, plan = call.dtype, call.plan
     n = x.shape[0]
     n_groups, mg, k = call.w3_shape
@@ -792,13 +845,18 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         w3 = np.ascontiguousarray(weight).reshape(call.w3_shape)
         gy = np.ascontiguousarray(grad_y).reshape((n, n_groups * mg, -1))
         yr = gy if output is None else np.ascontiguousarray(output).reshape(gy.shape)
+        pidx = np.ascontiguousarray(pool_indices).reshape(gy.shape) if pooled else _NO_INDICES
         ws = _workspace("backward", dtype, n_threads, plan.per_thread)
         wtpk = _packed_weights(w3, True, mr)
         dx5 = dx.reshape(call.x5_shape if input_grad else (0,) * 5)
-        _backward_kernel(gy, yr, output is not None, x5, wtpk, dx5, dwt, dwp, db, ws, plan.boffs, plan.arows,
-                         plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid, plan.mode, plan.rt,
-                         plan.n_bands, mg, k, plan.gstride, plan.grid_len, plan.col_len, plan.ld, plan.stage,
-                         input_grad, n_threads)
+        nbad = np.zeros(n_threads, np.int64)
+        _backward_kernel(gy, yr, output is not None, pidx, pooled, nbad, x5, wtpk, dx5, dwt, dwp, db, ws,
+                         plan.boffs, plan.arows, plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid,
+                         plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len, plan.col_len,
+                         plan.ld, plan.stage, input_grad, n_threads)
+        if nbad.any():
+            raise ValueError(f"{op}: {int(nbad.sum())} of pool_indices' {pool_indices.size} entries are outside "
+                             f"their 2x2 window; pass the indices max_pool2d returned for this conv's output")
     grad_w = np.empty(call.w3_shape, dtype)
     grad_b = np.empty(n_groups * mg, dtype)
     _sum_partials(dwt, dwp, db, grad_w, grad_b)
@@ -888,7 +946,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, a
 
 
 def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
-                    input_grad=True, *, activation=None, output=None):
+                    input_grad=True, *, activation=None, output=None, pool_indices=None):
     """Gradients of :func:`conv2d`: ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_y`` has the forward output's shape; ``grad_bias`` is None when
@@ -897,9 +955,15 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
     with ``activation="relu"``, pass the same ``activation`` and that call's
     ``output``: ``grad_y`` is then the gradient w.r.t. the ReLU's output and
     is masked by ``output > 0`` in the kernel's own pass over it. Arguments as in :func:`conv2d`.
+
+    When a 2x2 stride-2 max pool followed the conv (or its ReLU), pass that pool's
+    ``indices`` as ``pool_indices``: ``grad_y`` is then the gradient w.r.t. the pool's
+    output, and ``output`` (with ``activation="relu"``) the pool's output. The kernel routes
+    each window's gradient to its maximum as it reads grad_y, so no full-size gradient of
+    the conv output is made (the same result as ``max_pool2d_backward`` first).
     """
     return _conv_backward(2, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
-                          "conv2d_backward", input_grad, activation, output)
+                          "conv2d_backward", input_grad, activation, output, pool_indices)
 
 
 def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):

@@ -234,27 +234,33 @@ def _max_2x2_vector(typingctx, x, i0, w, y, j0, n, idx, base, with_idx):
 
 
 @intrinsic
-def _max_2x2_back_vector(typingctx, g, j0, idx, base, n, gx, i0, w):
+def _max_2x2_back_vector(typingctx, g, j0, idx, base, n, gx, i0, w, wd, y, relu):
     """Gradient of :func:`_max_2x2_vector`'s windows [0, n): every tap of window e is written
-    once, ``g[j0 + e]`` where ``idx[j0 + e] - base - 2e`` names it and zero elsewhere, as two
-    interleaved masked row stores. Returns how many of the n indices name no tap of their
-    window (their gradient is dropped). No bounds checks."""
-    if not _pool_operands(g, idx, gx):
+    once, ``g[j0 + e]`` where ``idx[j0 + e] - base - 2e`` names it (offsets 0, 1, w, w + 1) and
+    zero elsewhere, as two interleaved masked row stores at ``gx[i0:]`` and ``gx[i0 + wd:]``.
+    With ``relu``, ``g[j0 + e]`` counts only where ``y[j0 + e] > 0`` (the pool's output, when
+    a ReLU fed it). Returns how many of the n indices name no tap of their window (their
+    gradient is dropped). No bounds checks."""
+    if not (_pool_operands(g, idx, gx) and _pool_operands(y, idx, gx)):
         return None
 
     def codegen(context, builder, sig, args):
-        ga, ia, xa = (make_array(sig.args[k])(context, builder, value=args[k]) for k in (0, 2, 5))
+        ga, ia, xa, ya = (make_array(sig.args[k])(context, builder, value=args[k]) for k in (0, 2, 5, 9))
         r = _MaskedRow(context, builder, g.dtype)
         vl, b = r.vl, builder
         i64 = llvm_ir.IntType(64)
-        n, w = args[4], args[7]
+        n, w, wd = args[4], args[7], args[8]
         mask = r.mask(n)
+        zero = llvm_ir.Constant(r.vty, None)
         gv = r.load(r.pointer(ga, args[1]), mask)
+        relu = b.icmp_unsigned("!=", args[10], llvm_ir.Constant(args[10].type, 0))
+        relu_lanes = b.and_(mask, r.splat(relu, mask.type))  # no lane of y is read without relu
+        yv = r.load(r.pointer(ya, args[1]), relu_lanes)
+        gv = b.select(b.and_(relu_lanes, b.not_(b.fcmp_ordered(">", yv, zero))), zero, gv)
         load, i64v = _i64_masked(b, "load", vl)
         start = b.add(r.splat(args[3], i64v), llvm_ir.Constant(i64v, [2 * e for e in range(vl)]))
         iv = b.call(load, [b.bitcast(b.gep(ia.data, [args[1]]), i64v.as_pointer()), r.i32(1), mask, start])
         off = b.sub(iv, start)  # masked-off lanes read as offset 0: never counted as bad
-        zero = llvm_ir.Constant(r.vty, None)
         hits = [b.icmp_signed("==", off, r.splat(o, i64v)) for o in (i64(0), i64(1), w, b.add(w, i64(1)))]
         taps = [b.select(h, gv, zero) for h in hits]
         ok = b.or_(b.or_(hits[0], hits[1]), b.or_(hits[2], hits[3]))
@@ -267,13 +273,13 @@ def _max_2x2_back_vector(typingctx, g, j0, idx, base, n, gx, i0, w):
         half = vl // 2
         lo = llvm_ir.Constant(llvm_ir.VectorType(r.i32, vl), [e // 2 + (e % 2) * vl for e in range(vl)])
         hi = llvm_ir.Constant(llvm_ir.VectorType(r.i32, vl), [half + e // 2 + (e % 2) * vl for e in range(vl)])
-        for row, (left, right) in ((args[6], taps[:2]), (b.add(args[6], w), taps[2:])):
+        for row, (left, right) in ((args[6], taps[:2]), (b.add(args[6], wd), taps[2:])):
             r.store(b.shuffle_vector(left, right, lo), r.pointer(xa, row), masks[0])
             r.store(b.shuffle_vector(left, right, hi), r.pointer(xa, b.add(row, i64(vl))), masks[1])
         return bad
 
     idx_t = types.intp
-    return types.int64(g, idx_t, idx, idx_t, idx_t, gx, idx_t, idx_t), codegen
+    return types.int64(g, idx_t, idx, idx_t, idx_t, gx, idx_t, idx_t, idx_t, y, types.boolean), codegen
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -389,7 +395,8 @@ def _max_back_2x2_planes(g, idx, gx, bad, h, w, lo, hi):
             i0 = (p * h + 2 * oh) * w
             j0 = (p * oh_ + oh) * ow_
             for e in range(0, ow_, vl):
-                nbad += _max_2x2_back_vector(g, j0 + e, idx, 2 * oh * w + 2 * e, min(vl, ow_ - e), gx, i0 + 2 * e, w)
+                nbad += _max_2x2_back_vector(g, j0 + e, idx, 2 * oh * w + 2 * e, min(vl, ow_ - e), gx, i0 + 2 * e, w,
+                                             w, g, False)
             for iw in range(2 * ow_, w):  # an odd last column is in no window
                 gx[i0 + iw] = zero
                 gx[i0 + w + iw] = zero

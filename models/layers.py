@@ -6,7 +6,9 @@ Parameters reach the kernels as plain arrays (``p.array``), the cached input is
 the caller's array itself (no copy), and ``activation="relu"`` on Linear/Conv
 fuses the bias add and the ReLU into one pass over the output: ``bias_relu``
 after a Linear, the conv's own epilogue in a Conv (whose backward likewise
-applies the ReLU's gradient as it reads grad_y).
+applies the ReLU's gradient as it reads grad_y). In a Sequential, a Conv2d followed
+by a 2x2 stride-2 MaxPool2d runs its backward as one op: the conv backward takes
+the pool's gradient and indices (``MaxPool2d._backward_with``).
 """
 from __future__ import annotations
 
@@ -121,10 +123,13 @@ class _ConvNd(_WithActivation):
     def backward(self, g):
         # a fused ReLU's gradient is applied by the conv backward as it reads g: no pass of its own
         y, self._y = (self._y, None) if self.activation == "relu" else (None, None)
-        has_b = self.bias is not None
-        gx, gw, gb = self._op_backward(g, self._x, self.weight.array, has_b, self.input_grad, self.activation, y)
+        return self._accumulate(self._op_backward(g, self._x, self.weight.array, self.bias is not None,
+                                                  self.input_grad, self.activation, y))
+
+    def _accumulate(self, grads):
+        gx, gw, gb = grads
         _acc(self.weight, gw)
-        if has_b:
+        if self.bias is not None:
             _acc(self.bias, gb)
         self._x = None
         return gx
@@ -157,20 +162,41 @@ class Conv2d(_ConvNd):
         return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, activation=activation,
                                   output=output, **self.conv_args)
 
+    def _backward_pooled(self, g, indices, pooled):
+        """Backward through this conv and the 2x2 max pool after it (gradient and output of the
+        pool, its indices), as one op: no full-size gradient of this layer's output."""
+        relu = self.activation == "relu"
+        self._y = None
+        return self._accumulate(fk.conv2d_backward(
+            g, self._x, self.weight.array, bias_grad=self.bias is not None, input_grad=self.input_grad,
+            activation=self.activation, output=pooled if relu else None, pool_indices=indices, **self.conv_args))
+
 
 class MaxPool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
         super().__init__()
         self.args = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+        # the conv backward can route this pool's gradient itself (Sequential pairs them)
+        self._fusable = (_tuple(kernel_size, 2) == (2, 2) and stride in (None, 2, (2, 2))
+                         and _tuple(padding, 2) == (0, 0) and _tuple(dilation, 2) == (1, 1))
 
     def forward(self, x):
         y, self._idx = fk.max_pool2d(x, return_indices=True, **self.args)
         self._shape = x.shape
+        self._y = y
         return y
 
     def backward(self, g):
         gx = fk.max_pool2d_backward(g, self._idx, self._shape, **self.args)
-        self._idx = None
+        self._idx = self._y = None
+        return gx
+
+    def _backward_with(self, before, g):
+        if not (self._fusable and type(before) is Conv2d and self._idx is not None
+                and getattr(before, "_x", None) is not None):
+            return NotImplemented
+        gx = before._backward_pooled(g, self._idx, self._y)
+        self._idx = self._y = None
         return gx
 
     def extra_repr(self):

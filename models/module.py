@@ -157,6 +157,12 @@ class Module:
     def backward(self, grad_output):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
+    def _backward_with(self, before, grad_output):
+        """Sequential's hook for fused backward ops: the gradient w.r.t. the input of ``before``
+        (the module run just before this one), doing both modules' backward at once, or
+        NotImplemented where this pair has no fused op."""
+        return NotImplemented
+
     def train(self, mode: bool = True):
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
@@ -271,6 +277,14 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_output):
-        for m in reversed(self._modules.values()):
-            grad_output = m.backward(grad_output)
+        mods = list(self._modules.values())
+        i = len(mods) - 1
+        while i >= 0:  # a pair with a fused backward (conv -> max pool) runs as one op
+            fused = mods[i]._backward_with(mods[i - 1], grad_output) if i else NotImplemented
+            if fused is NotImplemented:
+                grad_output = mods[i].backward(grad_output)
+                i -= 1
+            else:
+                grad_output = fused
+                i -= 2
         return grad_output

@@ -584,3 +584,80 @@ def test_backward_through_fused_relu_rejects_bad_output():
         fastkern.conv2d_backward(gy, x, w, output=y)
     with pytest.raises(ValueError, match="activation must be"):
         fastkern.conv2d_backward(gy, x, w, activation="gelu", output=y)
+
+
+# ---------------------------------------------------------------------------
+# Backward through a following 2x2 max pool (pool_indices)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("source,thread_bytes", [(None, None), (None, 1 << 12), ("columns", None),
+                                                 ("direct", None), ("direct", 1 << 12)])
+@pytest.mark.parametrize("shape", [(3, 4, 9, 9, 1, 1), (2, 3, 11, 8, 2, 1), (2, 4, 10, 12, 1, 0), (1, 2, 7, 5, 1, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_backward_through_a_max_pool_is_the_pool_backward_then_the_conv_backward(shape, source, thread_bytes,
+                                                                                 relu, monkeypatch):
+    # odd output sizes (a last row or column in no window), stride 2, groups, and bands of
+    # rows (a small per-thread budget) over every column source
+    monkeypatch.setattr(conv_mod, "_FORCE", source)
+    if thread_bytes:
+        monkeypatch.setattr(conv_mod, "_THREAD_BYTES", thread_bytes)
+    n, c, h, w, stride, padding = shape
+    rng = np.random.default_rng(h * w)
+    x = rng.standard_normal((n, c, h, w))
+    wt = rng.standard_normal((4, c // 2 if c % 2 == 0 else c, 3, 3))
+    groups = 2 if c % 2 == 0 else 1
+    b = rng.standard_normal(4)
+    act = "relu" if relu else None
+    y = fastkern.conv2d(x, wt, b, stride, padding, groups=groups, activation=act)
+    pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+    g = rng.standard_normal(pooled.shape)
+    want = fastkern.conv2d_backward(fastkern.max_pool2d_backward(g, idx, y.shape, 2), x, wt, stride, padding,
+                                    groups=groups, activation=act, output=y if relu else None)
+    got = fastkern.conv2d_backward(g, x, wt, stride, padding, groups=groups, activation=act,
+                                   output=pooled if relu else None, pool_indices=idx)
+    for a, r in zip(got, want):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_through_relu_and_max_pool_matches_torch(dtype):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 3, 13, 12)).astype(dtype)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(5).astype(dtype)
+    y = fastkern.conv2d(x, w, b, padding=1, activation="relu")
+    pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+    g = rng.standard_normal(pooled.shape).astype(dtype)
+    dx, dw, db = fastkern.conv2d_backward(g, x, w, padding=1, activation="relu", output=pooled, pool_indices=idx)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    pt = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(xt, wt, bt, padding=1)), 2)
+    pt.backward(torch.tensor(g))
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(pooled, pt.detach().numpy(), **t)
+    for mine, theirs in ((dx, xt), (dw, wt), (db, bt)):
+        np.testing.assert_allclose(mine, theirs.grad.numpy(), **t)
+
+
+def test_backward_through_a_max_pool_rejects_bad_indices_and_shapes():
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    y = fastkern.conv2d(x, w, activation="relu")
+    pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+    g = np.ones_like(pooled)
+    args = dict(activation="relu", output=pooled)
+    bad = idx.copy()
+    bad[0, 0, 0, 0] += 2  # in the plane but outside its window
+    with pytest.raises(ValueError, match="1 of pool_indices' 32 entries are outside"):
+        fastkern.conv2d_backward(g, x, w, pool_indices=bad, **args)
+    with pytest.raises(TypeError, match="pool_indices must be an int64"):
+        fastkern.conv2d_backward(g, x, w, pool_indices=idx.astype(np.int32), **args)
+    with pytest.raises(ValueError, match="pool_indices has shape"):
+        fastkern.conv2d_backward(g, x, w, pool_indices=idx[:1], **args)
+    with pytest.raises(ValueError, match="grad_y has shape .* 2x2 max pool"):
+        fastkern.conv2d_backward(np.ones_like(y), x, w, pool_indices=idx, **args)
+    with pytest.raises(ValueError, match="pooled output shape"):
+        fastkern.conv2d_backward(g, x, w, pool_indices=idx, activation="relu", output=y)
+    with pytest.raises(ValueError, match="at least 2 x 2"):
+        fastkern.conv2d_backward(np.ones((2, 4, 0, 0)), x[:, :, :3, :4], w, pool_indices=np.zeros((2, 4, 0, 0), np.int64))

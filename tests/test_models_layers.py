@@ -38,6 +38,40 @@ def test_lenet_like_model_gradients_match_finite_differences():
     _model_gradcheck(model, models.CrossEntropyLoss(), x, np.array([1, 3]))
 
 
+def test_conv_then_max_pool_pairs_backward_as_one_op_with_the_same_gradients(monkeypatch):
+    # Sequential hands a Conv2d -> MaxPool2d(2) pair to the conv backward (pool_indices):
+    # finite differences, and the module-by-module backward, agree with it
+    models.manual_seed(3)
+    model = models.Sequential(
+        models.Conv2d(2, 3, 3, padding=1, activation="relu"), models.MaxPool2d(2),
+        models.Conv2d(3, 4, 3, padding=1), models.MaxPool2d(2, stride=2),
+        models.Conv2d(4, 2, 2), models.MaxPool2d(2, stride=1),  # stride 1: runs on its own
+        models.Flatten(), models.Linear(4, 3),
+    ).to(np.float64)
+    x = np.random.default_rng(5).standard_normal((2, 2, 14, 18))  # odd pooled sizes: 7 x 9, then 3 x 4
+    target = np.array([0, 2])
+    _model_gradcheck(model, models.CrossEntropyLoss(), x, target)
+
+    import fastkern
+    pool_backward = fastkern.max_pool2d_backward
+    calls = []
+    monkeypatch.setattr(fastkern, "max_pool2d_backward", lambda *a, **k: calls.append(1) or pool_backward(*a, **k))
+    crit = models.CrossEntropyLoss()
+    crit(model(x), target)
+    model.zero_grad()
+    gx = model.backward(crit.backward())
+    fused = [p.grad.copy() for p in model.parameters()]
+    assert len(calls) == 1  # only the stride-1 pool
+    crit(model(x), target)
+    model.zero_grad()
+    g = crit.backward()
+    for m in reversed(list(model)):
+        g = m.backward(g)
+    np.testing.assert_allclose(gx, g, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused, (p.grad for p in model.parameters())):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_other_layers_gradients_match_finite_differences():
     models.manual_seed(1)
     model = models.Sequential(
