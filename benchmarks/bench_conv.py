@@ -42,7 +42,7 @@ class TimeConv2d:
         self.x, self.w, self.b = _arrays((n, c, h, w), (co, c, k, k), dtype)
         y = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
         self.gy = np.ones_like(y)
-        self.gp = np.ones_like(fastkern.max_pool2d(y, 2))
+        self.gp = np.ones_like(fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, max_pool=2)[0])
         self.time_forward_and_backward(shape, dtype, threads)  # compiles every kernel for dtype
         self.time_forward_and_backward_through_relu_and_max_pool(shape, dtype, threads)
 
@@ -51,6 +51,9 @@ class TimeConv2d:
 
     def time_forward_with_fused_relu(self, shape, dtype, threads):
         fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, activation="relu")
+
+    def time_forward_with_fused_relu_and_max_pool(self, shape, dtype, threads):
+        fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, activation="relu", max_pool=2)
 
     def time_forward_and_backward(self, shape, dtype, threads):
         fastkern.conv2d(self.x, self.w, self.b, self.s, self.p)
@@ -61,9 +64,8 @@ class TimeConv2d:
         fastkern.conv2d_backward(self.gy, self.x, self.w, self.s, self.p, activation="relu", output=y)
 
     def time_forward_and_backward_through_relu_and_max_pool(self, shape, dtype, threads):
-        # the 2x2 pool's gradient routed inside the conv backward (pool_indices), as models' Sequential runs it
-        y = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, activation="relu")
-        pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+        # conv, ReLU and a 2x2 max pool as one op each way (max_pool=2, pool_indices), as models' Sequential runs them
+        pooled, idx = fastkern.conv2d(self.x, self.w, self.b, self.s, self.p, activation="relu", max_pool=2)
         fastkern.conv2d_backward(self.gp, self.x, self.w, self.s, self.p, activation="relu", output=pooled,
                                  pool_indices=idx)
 

@@ -51,7 +51,7 @@ from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _claim, _lanes, _
                    _tile_rows, _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
-from .pool import _max_2x2_back_vector
+from .pool import _max_2x2_back_vector, _max_2x2_vector
 from .threads import get_num_threads
 
 # Per-thread scratch (padded sample, column band, output tile rows) aims at
@@ -387,11 +387,14 @@ def _pack_weights(w, wpk, transpose, mr):
 
 
 @njit(parallel=True, cache=True)
-def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid, ogrid, mode, rt, n_bands,
-                    mg, k, gstride, grid_len, col_len, ld, n_threads):
-    # x (N, C, D, H, W); wpk (G, packed Mg x K); y (N, G*Mg, P); ws (T, >= grid + columns + Mg~*ld + tile)
+def _forward_kernel(x, wpk, bias, has_bias, relu, y, pooled, pidx, ws, boffs, goffs, geo, grid, ogrid, mode, rt,
+                    n_bands, mg, k, gstride, grid_len, col_len, ld, n_threads):
+    # x (N, C, D, H, W); wpk (G, packed Mg x K); y (N, G*Mg, P); ws (T, >= grid + columns + Mg~*ld + tile).
+    # With ``pooled``, y (N, G*Mg, P/4) and pidx get the 2x2 stride-2 max pool of the output
+    # and its indices instead, from the epilogue (bands then start on even rows)
     x, wpk, bias, y, ws, boffs, goffs = (borrowed(x), borrowed(wpk), borrowed(bias), borrowed(y), borrowed(ws),
                                          borrowed(boffs), borrowed(goffs))
+    pidx = borrowed(pidx)
     n_samples = x.shape[0]
     n_groups = wpk.shape[0]
     oh, ow = geo[13], geo[14]
@@ -440,6 +443,16 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, ws, boffs, goffs, geo, grid
                     for co in range(mg):
                         bv = bias[g * mg + co] if has_bias else zero
                         yrow = y[n, g * mg + co]
+                        if pooled:  # bias, ReLU and the pool's window maxima, from the tile rows
+                            prow = pidx[n, g * mg + co]
+                            pw = ow // 2
+                            for ph in range(r0 // 2, r1 // 2):
+                                c0 = co * ld + ocol[2 * ph - r0]
+                                wd = ocol[2 * ph + 1 - r0] - ocol[2 * ph - r0]
+                                for e in range(0, pw, vl):
+                                    _max_2x2_vector(cbuf, c0 + 2 * e, ow, wd, yrow, ph * pw + e, min(vl, pw - e),
+                                                    prow, 2 * ph * ow + 2 * e, True, bv, relu)
+                            continue
                         for rr in range(r1 - r0):  # bias and the fused ReLU: one pass over y
                             c0 = co * ld + ocol[rr]
                             for e in range(0, ow, vl):  # masked vectors: ow is known at run time only
@@ -706,7 +719,7 @@ class _Call:
         if pooled and any(o < 2 for o in out):
             raise ValueError(f"{op}: a 2x2 max pool needs a conv output of at least 2 x 2, got {tuple(out)}")
         # the gradient the backward receives: of the conv's output, or of its 2x2 max pool
-        self.grad_shape = (n, c_out) + tuple(o // 2 for o in out) if pooled else self.y_shape
+        self.result_shape = (n, c_out) + tuple(o // 2 for o in out) if pooled else self.y_shape
         self.plan = None
         self.dot = False
         if backward:
@@ -733,17 +746,21 @@ def _packed_weights(w3, transpose, mr):
     return wpk
 
 
-def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, activation=None):
+def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, activation=None, max_pool=None):
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
-    key = _call_key((x, weight, bias), (nd, stride, padding, dilation, groups))
+    if max_pool not in (None, 2) or isinstance(max_pool, bool):
+        raise ValueError(f"{op}: max_pool must be None or 2 (a 2x2 stride-2 max pool), got {max_pool!r}")
+    pooled = max_pool is not None
+    key = _call_key((x, weight, bias), (nd, stride, padding, dilation, groups, "pool" if pooled else None))
     call = _CALLS.get(key) if key is not None else None
     if call is None:
-        call = remember(_CALLS, key, _Call(nd, x, weight, bias, stride, padding, dilation, groups, op, False))
-    y = np.empty(call.y_shape, dtype=call.dtype)
+        call = remember(_CALLS, key, _Call(nd, x, weight, bias, stride, padding, dilation, groups, op, False, pooled))
+    y = np.empty(call.result_shape, dtype=call.dtype)
+    idx = np.empty(call.result_shape if pooled else (0, 0, 0), np.int64)
     plan = call.plan
     if y.size == 0:
-        return y
+        return (y, idx) if pooled else y
     x5 = np.ascontiguousarray(x).reshape(call.x5_shape)
     w3 = np.ascontiguousarray(weight).reshape(call.w3_shape)
     has_bias = bias is not None
@@ -752,11 +769,11 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, ac
     ws = _workspace("forward", call.dtype, n_threads, plan.per_thread)
     wpk = _packed_weights(w3, False, plan.mr)
     n, c_out = y.shape[:2]
-    _forward_kernel(x5, wpk, b, has_bias, activation == "relu", y.reshape((n, c_out, -1)), ws, plan.boffs,
-                    plan.goffs, call.geo, plan.grid, plan.ogrid, plan.mode, plan.rt, plan.n_bands,
-                    call.w3_shape[1], call.w3_shape[2], plan.gstride, plan.grid_len, plan.col_len, plan.ld,
-                    n_threads)
-    return y
+    _forward_kernel(x5, wpk, b, has_bias, activation == "relu", y.reshape((n, c_out, -1)), pooled,
+                    idx.reshape((n, c_out, -1)) if pooled else idx, ws, plan.boffs, plan.goffs, call.geo, plan.grid,
+                    plan.ogrid, plan.mode, plan.rt, plan.n_bands, call.w3_shape[1], call.w3_shape[2], plan.gstride,
+                    plan.grid_len, plan.col_len, plan.ld, n_threads)
+    return (y, idx) if pooled else y
 
 
 @njit(cache=True, _nrt=False)
@@ -812,22 +829,22 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         call = _Call(nd, x, weight, None, stride, padding, dilation, groups, op, True, pooled)
         check_array(grad_y, "grad_y", nd + 2)
         check_same_dtype(grad_y=grad_y, x=x, weight=weight)
-        if grad_y.shape != call.grad_shape:
+        if grad_y.shape != call.result_shape:
             what = "the 2x2 max pool of the output" if pooled else "the output"
-            raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the shape of {what} is {call.grad_shape}")
+            raise ValueError(f"{op}: grad_y has shape {grad_y.shape}, the shape of {what} is {call.result_shape}")
         remember(_CALLS, key, call)
     if output is not None:
         check_array(output, "output", nd + 2)
         check_same_dtype(grad_y=grad_y, output=output)
-        if output.shape != call.grad_shape:
+        if output.shape != call.result_shape:
             what = "pooled output" if pooled else "forward's output"
-            raise ValueError(f"{op}: output has shape {output.shape}, the {what} shape is {call.grad_shape}")
+            raise ValueError(f"{op}: output has shape {output.shape}, the {what} shape is {call.result_shape}")
     if pooled:
         if not isinstance(pool_indices, np.ndarray) or pool_indices.dtype != np.int64:
             raise TypeError(f"{op}: pool_indices must be an int64 numpy.ndarray, "
                             f"got {getattr(pool_indices, 'dtype', type(pool_indices).__name__)}")
-        if pool_indices.shape != call.grad_shape:
-            raise ValueError(f"{op}: pool_indices has shape {pool_indices.shape}, grad_y has {call.grad_shape}")
+        if pool_indices.shape != call.result_shape:
+            raise ValueError(f"{op}: pool_indices has shape {pool_indices.shape}, grad_y has {call.result_shape}")
     dtype, plan = call.dtype, call.plan
     n = x.shape[0]
     n_groups, mg, k = call.w3_shape
@@ -936,13 +953,18 @@ def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
                           "conv1d_backward", input_grad, activation, output)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, max_pool=None):
     """2-D convolution (cross-correlation) as ``torch.nn.functional.conv2d``.
 
     ``x`` is (N, C_in, H, W), ``weight`` (C_out, C_in / groups, kH, kW),
     ``bias`` (C_out,) or None. Returns a new (N, C_out, H_out, W_out) array.
+
+    With ``max_pool=2``, returns ``(pooled, indices)``, what
+    ``max_pool2d(conv2d(...), 2, return_indices=True)`` returns (after the ReLU with
+    ``activation="relu"``), computed in the conv's own epilogue: the full-size output is
+    never written. :func:`conv2d_backward` with ``pool_indices`` is its gradient.
     """
-    return _conv_forward(2, x, weight, bias, stride, padding, dilation, groups, "conv2d", activation)
+    return _conv_forward(2, x, weight, bias, stride, padding, dilation, groups, "conv2d", activation, max_pool)
 
 
 def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,

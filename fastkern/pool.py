@@ -194,43 +194,51 @@ def _pool_operands(values, indices, other):
 
 
 @intrinsic
-def _max_2x2_vector(typingctx, x, i0, w, y, j0, n, idx, base, with_idx):
+def _max_2x2_vector(typingctx, x, i0, w, wd, y, j0, n, idx, base, with_idx, bias, relu):
     """Windows [0, n) (n <= VL) of one output row of a 2x2 stride-2 max pool, as masked vectors.
 
-    Window e reads x[i0 + 2e], x[i0 + 2e + 1], x[i0 + w + 2e], x[i0 + w + 2e + 1] and writes
-    ``y[j0 + e]``, and with ``with_idx`` ``idx[j0 + e] = base + 2e + offset of the winner``.
-    The winner is torch's sequential scan's (strict >, a NaN wins, the first of ties): three
-    compare-and-selects over whole vectors, where a scalar scan cost about 20 instructions
-    per window and rows of 5 or 14 windows never filled a vector loop. No bounds checks: the
-    caller keeps every window inside ``x``.
+    Window e reads x[i0 + 2e], x[i0 + 2e + 1], x[i0 + wd + 2e], x[i0 + wd + 2e + 1], each plus
+    ``bias`` and through a ReLU with ``relu`` (a conv's epilogue; a pool alone passes -0.0,
+    which leaves every value as it is), and writes ``y[j0 + e]``, and with ``with_idx``
+    ``idx[j0 + e] = base + 2e + the winner's offset`` (0, 1, w, w + 1: positions in rows
+    ``w`` wide). The winner is torch's sequential scan's (strict >, a NaN wins, the first of
+    ties): three compare-and-selects over whole vectors, where a scalar scan cost about 20
+    instructions per window and rows of 5 or 14 windows never filled a vector loop. No bounds
+    checks: the caller keeps every window inside ``x``.
     """
-    if not _pool_operands(x, idx, y):
+    if not (_pool_operands(x, idx, y) and bias == x.dtype):
         return None
 
     def codegen(context, builder, sig, args):
-        xa, ya, ia = (make_array(sig.args[k])(context, builder, value=args[k]) for k in (0, 3, 6))
+        xa, ya, ia = (make_array(sig.args[k])(context, builder, value=args[k]) for k in (0, 4, 7))
         r = _MaskedRow(context, builder, x.dtype)
         vl, b = r.vl, builder
         i64 = llvm_ir.IntType(64)
-        taps = _window_pair_lanes(r, xa, args[1], args[2], args[5])
-        w = args[2]
+        w, n = args[2], args[6]
+        zero = llvm_ir.Constant(r.vty, None)
+        relu = b.icmp_unsigned("!=", args[11], llvm_ir.Constant(args[11].type, 0))
+        taps = []
+        for v in _window_pair_lanes(r, xa, args[1], args[3], n):
+            v = b.fadd(v, r.splat(args[10], r.vty))
+            taps.append(b.select(b.and_(r.splat(relu, r.mask(n).type), b.fcmp_ordered("<", v, zero)), zero, v))
         store, i64v = _i64_masked(b, "store", vl)
         best, off = taps[0], llvm_ir.Constant(i64v, None)
         for v, o in zip(taps[1:], (i64(1), w, b.add(w, i64(1)))):
             t = b.or_(b.fcmp_ordered(">", v, best), b.fcmp_unordered("uno", v, v))
             best = b.select(t, v, best)
             off = b.select(t, r.splat(o, i64v), off)
-        mask = r.mask(args[5])
-        r.store(best, r.pointer(ya, args[4]), mask)
-        with b.if_then(b.icmp_unsigned("!=", args[8], llvm_ir.Constant(args[8].type, 0))):
+        mask = r.mask(n)
+        r.store(best, r.pointer(ya, args[5]), mask)
+        with b.if_then(b.icmp_unsigned("!=", args[9], llvm_ir.Constant(args[9].type, 0))):
             lane2 = llvm_ir.Constant(i64v, [2 * e for e in range(vl)])
-            val = b.add(b.add(r.splat(args[7], i64v), lane2), off)
-            ptr = b.bitcast(b.gep(ia.data, [args[4]]), i64v.as_pointer())
+            val = b.add(b.add(r.splat(args[8], i64v), lane2), off)
+            ptr = b.bitcast(b.gep(ia.data, [args[5]]), i64v.as_pointer())
             b.call(store, [val, ptr, r.i32(1), mask])
         return context.get_dummy_value()
 
     idx_t = types.intp
-    return types.none(x, idx_t, idx_t, y, idx_t, idx_t, idx, idx_t, types.boolean), codegen
+    return (types.none(x, idx_t, idx_t, idx_t, y, idx_t, idx_t, idx, idx_t, types.boolean, bias, types.boolean),
+            codegen)
 
 
 @intrinsic
@@ -288,12 +296,14 @@ def _max_2x2_planes(x, y, idx, with_idx, h, w, lo, hi):
     and (planes, H//2, W//2) stacks."""
     oh_, ow_ = h // 2, w // 2
     vl = _lanes(x)
+    keep = x.dtype.type(-0.0)  # x + -0.0 is x for every x, -0.0 included
     for p in range(lo, hi):
         for oh in range(oh_):
             i0 = (p * h + 2 * oh) * w
             j0 = (p * oh_ + oh) * ow_
             for e in range(0, ow_, vl):
-                _max_2x2_vector(x, i0 + 2 * e, w, y, j0 + e, min(vl, ow_ - e), idx, 2 * oh * w + 2 * e, with_idx)
+                _max_2x2_vector(x, i0 + 2 * e, w, w, y, j0 + e, min(vl, ow_ - e), idx, 2 * oh * w + 2 * e, with_idx,
+                                keep, False)
 
 
 # Planes per prange iteration: at 8 planes of a 32x32 float32 map (32 KiB) a

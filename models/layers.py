@@ -7,8 +7,9 @@ the caller's array itself (no copy), and ``activation="relu"`` on Linear/Conv
 fuses the bias add and the ReLU into one pass over the output: ``bias_relu``
 after a Linear, the conv's own epilogue in a Conv (whose backward likewise
 applies the ReLU's gradient as it reads grad_y). In a Sequential, a Conv2d followed
-by a 2x2 stride-2 MaxPool2d runs its backward as one op: the conv backward takes
-the pool's gradient and indices (``MaxPool2d._backward_with``).
+by a 2x2 stride-2 MaxPool2d runs as one op each way: the conv's epilogue takes the
+window maxima, and its backward the pool's gradient and indices
+(``MaxPool2d._forward_with`` / ``_backward_with``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def _acc(p, g):
 
 def _tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _spread_windows(pooled, shape):
+    """``pooled`` (N, C, H//2, W//2) repeated over each 2x2 window of ``shape`` (zeros past the
+    last whole window): where a max pool's gradient is not zero, the conv output it came from
+    (the ReLU's mask, when the conv ran fused with the pool)."""
+    out = np.zeros(shape, pooled.dtype)
+    ph, pw = pooled.shape[2:]
+    out[:, :, :2 * ph, :2 * pw] = pooled.repeat(2, axis=2).repeat(2, axis=3)
+    return out
 
 
 class _WithActivation(Module):
@@ -111,9 +122,10 @@ class _ConvNd(_WithActivation):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         self._init_params((out_channels, in_channels // groups) + k, bias, activation, dtype, seed)
+        self._pooled = None  # the output of a max pool run fused with this conv (Conv2d)
 
     def forward(self, x):
-        self._x = x
+        self._x, self._pooled = x, None
         if self.activation == "relu":  # bias and ReLU in the conv's own pass over its output
             b = None if self.bias is None else self.bias.array
             self._y = self._op(x, self.weight.array, b, "relu")
@@ -123,6 +135,9 @@ class _ConvNd(_WithActivation):
     def backward(self, g):
         # a fused ReLU's gradient is applied by the conv backward as it reads g: no pass of its own
         y, self._y = (self._y, None) if self.activation == "relu" else (None, None)
+        if y is None and self.activation == "relu":  # the forward ran fused with a max pool
+            y = _spread_windows(self._pooled, g.shape)
+        self._pooled = None
         return self._accumulate(self._op_backward(g, self._x, self.weight.array, self.bias is not None,
                                                   self.input_grad, self.activation, y))
 
@@ -162,11 +177,30 @@ class Conv2d(_ConvNd):
         return fk.conv2d_backward(g, x, w, bias_grad=bias_grad, input_grad=input_grad, activation=activation,
                                   output=output, **self.conv_args)
 
+    def _forward_pooled(self, x):
+        """This conv (and its ReLU) with the 2x2 max pool after it as one op: (pooled, indices)."""
+        self._x, self._y = x, None
+        b = None if self.bias is None else self.bias.array
+        pooled, idx = fk.conv2d(x, self.weight.array, b, activation=self.activation, max_pool=2, **self.conv_args)
+        self._pooled = pooled
+        return pooled, idx
+
+    def output_shape(self, input_shape):
+        """The shape of this layer's output for an input of ``input_shape`` (N, C, H, W)."""
+        n, _, *sizes = input_shape
+        a = self.conv_args
+        if a["padding"] == "same":
+            return (n, self.out_channels, *sizes)
+        pad = (0, 0) if a["padding"] == "valid" else _tuple(a["padding"], 2)
+        return (n, self.out_channels) + tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(sizes, pad, _tuple(a["dilation"], 2), self.kernel_size, _tuple(a["stride"], 2)))
+
     def _backward_pooled(self, g, indices, pooled):
         """Backward through this conv and the 2x2 max pool after it (gradient and output of the
         pool, its indices), as one op: no full-size gradient of this layer's output."""
         relu = self.activation == "relu"
-        self._y = None
+        self._y = self._pooled = None
         return self._accumulate(fk.conv2d_backward(
             g, self._x, self.weight.array, bias_grad=self.bias is not None, input_grad=self.input_grad,
             activation=self.activation, output=pooled if relu else None, pool_indices=indices, **self.conv_args))
@@ -190,6 +224,14 @@ class MaxPool2d(Module):
         gx = fk.max_pool2d_backward(g, self._idx, self._shape, **self.args)
         self._idx = self._y = None
         return gx
+
+    def _forward_with(self, before, x):
+        if not (self._fusable and type(before) is Conv2d):
+            return NotImplemented
+        y, self._idx = before._forward_pooled(x)
+        self._shape = before.output_shape(x.shape)
+        self._y = y
+        return y
 
     def _backward_with(self, before, g):
         if not (self._fusable and type(before) is Conv2d and self._idx is not None

@@ -157,6 +157,11 @@ class Module:
     def backward(self, grad_output):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
+    def _forward_with(self, before, x):
+        """Sequential's hook for fused ops: this module's output for the input ``x`` of ``before``
+        (the module run just before it), running both forwards as one op, or NotImplemented."""
+        return NotImplemented
+
     def _backward_with(self, before, grad_output):
         """Sequential's hook for fused backward ops: the gradient w.r.t. the input of ``before``
         (the module run just before this one), doing both modules' backward at once, or
@@ -272,8 +277,16 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
+        mods = list(self._modules.values())
+        i = 0
+        while i < len(mods):  # a pair with a fused op (conv -> max pool) runs as one
+            fused = mods[i + 1]._forward_with(mods[i], x) if i + 1 < len(mods) else NotImplemented
+            if fused is NotImplemented:
+                x = mods[i](x)
+                i += 1
+            else:
+                x = fused
+                i += 2
         return x
 
     def backward(self, grad_output):

@@ -621,14 +621,49 @@ def test_backward_through_a_max_pool_is_the_pool_backward_then_the_conv_backward
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_backward_through_relu_and_max_pool_matches_torch(dtype):
+@pytest.mark.parametrize("source,thread_bytes", [(None, None), (None, 1 << 12), ("columns", None),
+                                                 ("direct", None), ("direct", 1 << 12)])
+@pytest.mark.parametrize("shape", [(3, 4, 9, 9, 1, 1), (1, 3, 11, 8, 2, 1), (2, 1, 28, 28, 1, 2), (1, 2, 7, 5, 1, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_forward_with_max_pool_is_max_pool2d_of_the_conv(shape, source, thread_bytes, dtype, monkeypatch):
+    # the epilogue's pool: bit for bit what max_pool2d returns, with and without ReLU and bias,
+    # on odd sizes, bands of rows, a single sample split over threads and every column source
+    monkeypatch.setattr(conv_mod, "_FORCE", source)
+    if thread_bytes:
+        monkeypatch.setattr(conv_mod, "_THREAD_BYTES", thread_bytes)
+    n, c, h, w, stride, padding = shape
+    rng = np.random.default_rng(h + w)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    groups = 2 if c % 2 == 0 else 1
+    wt = rng.standard_normal((4, c // groups, 3, 3)).astype(dtype)
+    for act in ("relu", None):
+        for b in (rng.standard_normal(4).astype(dtype), None):
+            want = fastkern.max_pool2d(fastkern.conv2d(x, wt, b, stride, padding, groups=groups, activation=act), 2,
+                                       return_indices=True)
+            got = fastkern.conv2d(x, wt, b, stride, padding, groups=groups, activation=act, max_pool=2)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_forward_with_max_pool_rejects_other_pools():
+    x, w = np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3))
+    for bad in (3, True, "2"):
+        with pytest.raises(ValueError, match="max_pool must be None or 2"):
+            fastkern.conv2d(x, w, max_pool=bad)
+    with pytest.raises(ValueError, match="at least 2 x 2"):
+        fastkern.conv2d(x[:, :, :3], w, max_pool=2)
+    y, idx = fastkern.conv2d(np.ones((0, 2, 5, 5)), w, max_pool=2)
+    assert y.shape == idx.shape == (0, 3, 1, 1) and idx.dtype == np.int64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_relu_max_pool_forward_and_backward_match_torch(dtype):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 3, 13, 12)).astype(dtype)
     w = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
     b = rng.standard_normal(5).astype(dtype)
-    y = fastkern.conv2d(x, w, b, padding=1, activation="relu")
-    pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+    pooled, idx = fastkern.conv2d(x, w, b, padding=1, activation="relu", max_pool=2)
     g = rng.standard_normal(pooled.shape).astype(dtype)
     dx, dw, db = fastkern.conv2d_backward(g, x, w, padding=1, activation="relu", output=pooled, pool_indices=idx)
     xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
@@ -636,6 +671,8 @@ def test_backward_through_relu_and_max_pool_matches_torch(dtype):
     pt.backward(torch.tensor(g))
     t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(pooled, pt.detach().numpy(), **t)
+    assert (idx == torch.nn.functional.max_pool2d(
+        torch.relu(torch.nn.functional.conv2d(xt, wt, bt, padding=1)), 2, return_indices=True)[1].numpy()).mean() > 0.99
     for mine, theirs in ((dx, xt), (dw, wt), (db, bt)):
         np.testing.assert_allclose(mine, theirs.grad.numpy(), **t)
 

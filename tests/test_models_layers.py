@@ -38,9 +38,9 @@ def test_lenet_like_model_gradients_match_finite_differences():
     _model_gradcheck(model, models.CrossEntropyLoss(), x, np.array([1, 3]))
 
 
-def test_conv_then_max_pool_pairs_backward_as_one_op_with_the_same_gradients(monkeypatch):
-    # Sequential hands a Conv2d -> MaxPool2d(2) pair to the conv backward (pool_indices):
-    # finite differences, and the module-by-module backward, agree with it
+def test_conv_then_max_pool_pairs_run_as_one_op_with_the_same_results(monkeypatch):
+    # Sequential runs a Conv2d -> MaxPool2d(2) pair as one conv (max_pool=2, then pool_indices):
+    # finite differences, and the module-by-module forward and backward, agree with it
     models.manual_seed(3)
     model = models.Sequential(
         models.Conv2d(2, 3, 3, padding=1, activation="relu"), models.MaxPool2d(2),
@@ -53,19 +53,25 @@ def test_conv_then_max_pool_pairs_backward_as_one_op_with_the_same_gradients(mon
     _model_gradcheck(model, models.CrossEntropyLoss(), x, target)
 
     import fastkern
-    pool_backward = fastkern.max_pool2d_backward
+    pool_forward, pool_backward = fastkern.max_pool2d, fastkern.max_pool2d_backward
     calls = []
-    monkeypatch.setattr(fastkern, "max_pool2d_backward", lambda *a, **k: calls.append(1) or pool_backward(*a, **k))
+    monkeypatch.setattr(fastkern, "max_pool2d", lambda *a, **k: calls.append("f") or pool_forward(*a, **k))
+    monkeypatch.setattr(fastkern, "max_pool2d_backward", lambda *a, **k: calls.append("b") or pool_backward(*a, **k))
+    h = x
+    for m in model:  # module by module: no pair runs fused
+        h = m(h)
     crit = models.CrossEntropyLoss()
+    np.testing.assert_allclose(model(x), h, rtol=1e-12, atol=1e-12)
+    calls.clear()
     crit(model(x), target)
     model.zero_grad()
     gx = model.backward(crit.backward())
     fused = [p.grad.copy() for p in model.parameters()]
-    assert len(calls) == 1  # only the stride-1 pool
+    assert calls == ["f", "b"]  # only the stride-1 pool runs on its own
     crit(model(x), target)
     model.zero_grad()
     g = crit.backward()
-    for m in reversed(list(model)):
+    for m in reversed(list(model)):  # after the fused forward: the pools' own backward, then the convs'
         g = m.backward(g)
     np.testing.assert_allclose(gx, g, rtol=1e-12, atol=1e-12)
     for a, b in zip(fused, (p.grad for p in model.parameters())):
