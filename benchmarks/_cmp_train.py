@@ -83,7 +83,8 @@ def ours_step(name, batch, shape, seed=0):
 
 def functional_lenet5_step(batch, seed=0):
     """LeNet5's training step as bare fastkern calls, the same fused ops the model layer
-    calls (conv + bias + ReLU in one op, no image gradient): the floor it is held to."""
+    calls (conv + bias + ReLU + 2x2 max pool in one op each way, no image gradient): the
+    floor it is held to."""
     import fastkern as fk
 
     model = make_ours("LeNet5")
@@ -98,10 +99,8 @@ def functional_lenet5_step(batch, seed=0):
         def relu_(a):
             return fk.relu(a, out=a)
 
-        h1 = fk.conv2d(x, w1, b1, padding=2, activation="relu")
-        p1, i1 = fk.max_pool2d(h1, 2, return_indices=True)
-        h2 = fk.conv2d(p1, w2, b2, activation="relu")
-        p2, i2 = fk.max_pool2d(h2, 2, return_indices=True)
+        p1, i1 = fk.conv2d(x, w1, b1, padding=2, activation="relu", max_pool=2)
+        p2, i2 = fk.conv2d(p1, w2, b2, activation="relu", max_pool=2)
         f = p2.reshape(batch, -1)
         h3 = relu_(fk.linear(f, w3, b3))
         h4 = relu_(fk.linear(h3, w4, b4))
@@ -109,10 +108,9 @@ def functional_lenet5_step(batch, seed=0):
         g, gw5, gb5 = fk.linear_backward(g, h4, w5)
         g, gw4, gb4 = fk.linear_backward(fk.relu_backward(g, h4), h3, w4)
         g, gw3, gb3 = fk.linear_backward(fk.relu_backward(g, h3), f, w3)
-        g = fk.max_pool2d_backward(g.reshape(p2.shape), i2, h2.shape, 2)
-        g, gw2, gb2 = fk.conv2d_backward(g, p1, w2, activation="relu", output=h2)
-        g = fk.max_pool2d_backward(g, i1, h1.shape, 2)
-        _, gw1, gb1 = fk.conv2d_backward(g, x, w1, padding=2, input_grad=False, activation="relu", output=h1)
+        g, gw2, gb2 = fk.conv2d_backward(g.reshape(p2.shape), p1, w2, activation="relu", output=p2, pool_indices=i2)
+        _, gw1, gb1 = fk.conv2d_backward(g, x, w1, padding=2, input_grad=False, activation="relu", output=p1,
+                                         pool_indices=i1)
         for w, gr, b in zip(ws, (gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5), bufs):
             fk.sgd_update(w, gr, b, lr=0.01, momentum=0.9)
 

@@ -718,7 +718,7 @@ class _Call:
         self.y_shape = (n, c_out) + tuple(out)
         if pooled and any(o < 2 for o in out):
             raise ValueError(f"{op}: a 2x2 max pool needs a conv output of at least 2 x 2, got {tuple(out)}")
-        # the gradient the backward receives: of the conv's output, or of its 2x2 max pool
+        # what the forward returns and the backward's grad_y: the conv's output, or its 2x2 max pool
         self.result_shape = (n, c_out) + tuple(o // 2 for o in out) if pooled else self.y_shape
         self.plan = None
         self.dot = False
