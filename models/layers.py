@@ -185,7 +185,7 @@ class Conv2d(_ConvNd):
         self._pooled = pooled
         return pooled, idx
 
-    def output_shape(self, input_shape):
+    def _output_shape(self, input_shape):
         """The shape of this layer's output for an input of ``input_shape`` (N, C, H, W)."""
         n, _, *sizes = input_shape
         a = self.conv_args
@@ -226,15 +226,16 @@ class MaxPool2d(Module):
         return gx
 
     def _forward_with(self, before, x):
-        if not (self._fusable and type(before) is Conv2d):
+        # only the plain classes: a subclass's own forward or backward must run
+        if not (self._fusable and type(self) is MaxPool2d and type(before) is Conv2d):
             return NotImplemented
         y, self._idx = before._forward_pooled(x)
-        self._shape = before.output_shape(x.shape)
+        self._shape = before._output_shape(x.shape)
         self._y = y
         return y
 
     def _backward_with(self, before, g):
-        if not (self._fusable and type(before) is Conv2d and self._idx is not None
+        if not (self._fusable and type(self) is MaxPool2d and type(before) is Conv2d and self._idx is not None
                 and getattr(before, "_x", None) is not None):
             return NotImplemented
         gx = before._backward_pooled(g, self._idx, self._y)

@@ -244,3 +244,12 @@ def test_lenet5_without_input_grad_gives_the_same_parameter_gradients():
     assert lean.backward(g) is None
     for (name, p), (_, q) in zip(full.named_parameters(), lean.named_parameters()):
         np.testing.assert_allclose(q.grad, p.grad, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("args", [dict(padding="same"), dict(padding="valid", dilation=2), dict(stride=2, padding=1),
+                                  dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2))])
+def test_conv2d_output_shape_is_the_forwards(args):
+    # what the pool after a fused conv reports as its input shape (for a module-by-module backward)
+    conv = models.Conv2d(2, 3, (3, 2), **args)
+    x = np.zeros((2, 2, 9, 8), np.float32)
+    assert conv._output_shape(x.shape) == conv(x).shape
