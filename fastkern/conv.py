@@ -51,7 +51,7 @@ from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _claim, _lanes, _
                    _tile_rows, _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
-from .pool import _max_2x2_back_vector, _max_2x2_vector
+from .pool import _max_2x2_back_row, _max_2x2_row
 from .threads import get_num_threads
 
 # Per-thread scratch (padded sample, column band, output tile rows) aims at
@@ -343,14 +343,10 @@ def _spread_pooled(row, g, idx, y, relu, ocol, r0, r1, ow):
     for e in range(row.size):
         row[e] = zero
     pw = ow // 2
-    vl = _lanes(row)
     bad = 0
     for ph in range(r0 // 2, r1 // 2):
         c0 = ocol[2 * ph - r0]
-        wd = ocol[2 * ph + 1 - r0] - c0
-        for e in range(0, pw, vl):
-            bad += _max_2x2_back_vector(g, ph * pw + e, idx, 2 * ph * ow + 2 * e, min(vl, pw - e), row, c0 + 2 * e,
-                                        ow, wd, y, relu)
+        bad += _max_2x2_back_row(g, ph * pw, idx, 2 * ph * ow, pw, row, c0, ow, ocol[2 * ph + 1 - r0] - c0, y, relu)
     return _sum_span(row), bad
 
 
@@ -447,11 +443,9 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, pooled, pidx, ws, boffs, go
                             prow = pidx[n, g * mg + co]
                             pw = ow // 2
                             for ph in range(r0 // 2, r1 // 2):
-                                c0 = co * ld + ocol[2 * ph - r0]
-                                wd = ocol[2 * ph + 1 - r0] - ocol[2 * ph - r0]
-                                for e in range(0, pw, vl):
-                                    _max_2x2_vector(cbuf, c0 + 2 * e, ow, wd, yrow, ph * pw + e, min(vl, pw - e),
-                                                    prow, 2 * ph * ow + 2 * e, True, bv, relu)
+                                c0, c1 = ocol[2 * ph - r0], ocol[2 * ph + 1 - r0]
+                                _max_2x2_row(cbuf, co * ld + c0, ow, c1 - c0, yrow, ph * pw, pw, prow, 2 * ph * ow,
+                                             True, bv, relu)
                             continue
                         for rr in range(r1 - r0):  # bias and the fused ReLU: one pass over y
                             c0 = co * ld + ocol[rr]
@@ -746,6 +740,10 @@ def _packed_weights(w3, transpose, mr):
     return wpk
 
 
+# stands in for the pool's indices when there is no pool (never read)
+_NO_INDICES = np.zeros((1, 1, 1), np.int64)
+
+
 def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, activation=None, max_pool=None):
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
@@ -757,7 +755,7 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, ac
     if call is None:
         call = remember(_CALLS, key, _Call(nd, x, weight, bias, stride, padding, dilation, groups, op, False, pooled))
     y = np.empty(call.result_shape, dtype=call.dtype)
-    idx = np.empty(call.result_shape if pooled else (0, 0, 0), np.int64)
+    idx = np.empty(call.result_shape, np.int64) if pooled else _NO_INDICES
     plan = call.plan
     if y.size == 0:
         return (y, idx) if pooled else y
@@ -770,9 +768,9 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, ac
     wpk = _packed_weights(w3, False, plan.mr)
     n, c_out = y.shape[:2]
     _forward_kernel(x5, wpk, b, has_bias, activation == "relu", y.reshape((n, c_out, -1)), pooled,
-                    idx.reshape((n, c_out, -1)) if pooled else idx, ws, plan.boffs, plan.goffs, call.geo, plan.grid,
-                    plan.ogrid, plan.mode, plan.rt, plan.n_bands, call.w3_shape[1], call.w3_shape[2], plan.gstride,
-                    plan.grid_len, plan.col_len, plan.ld, n_threads)
+                    idx.reshape((n, c_out, -1)) if pooled else idx, ws, plan.boffs, plan.goffs, call.geo,
+                    plan.grid, plan.ogrid, plan.mode, plan.rt, plan.n_bands, call.w3_shape[1], call.w3_shape[2],
+                    plan.gstride, plan.grid_len, plan.col_len, plan.ld, n_threads)
     return (y, idx) if pooled else y
 
 
@@ -811,9 +809,6 @@ def _sum_partials(dwt, dwp, db, grad_w, grad_b):
         for t in range(n_threads):
             acc += db[t, c]
         grad_b[c] = acc
-
-
-_NO_INDICES = np.zeros((1, 1, 1), np.int64)
 
 
 def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad, op, input_grad=True,

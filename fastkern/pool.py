@@ -290,20 +290,34 @@ def _max_2x2_back_vector(typingctx, g, j0, idx, base, n, gx, i0, w, wd, y, relu)
     return types.int64(g, idx_t, idx, idx_t, idx_t, gx, idx_t, idx_t, idx_t, y, types.boolean), codegen
 
 
+@njit(inline="always")
+def _max_2x2_row(x, i0, w, wd, y, j0, n, idx, base, with_idx, bias, relu):
+    """All n windows of one output row through :func:`_max_2x2_vector`, a vector of them at a time."""
+    vl = _lanes(x)
+    for e in range(0, n, vl):
+        _max_2x2_vector(x, i0 + 2 * e, w, wd, y, j0 + e, min(vl, n - e), idx, base + 2 * e, with_idx, bias, relu)
+
+
+@njit(inline="always")
+def _max_2x2_back_row(g, j0, idx, base, n, gx, i0, w, wd, y, relu):
+    """All n windows of one output row through :func:`_max_2x2_back_vector`; returns the bad count."""
+    vl = _lanes(g)
+    bad = 0
+    for e in range(0, n, vl):
+        bad += _max_2x2_back_vector(g, j0 + e, idx, base + 2 * e, min(vl, n - e), gx, i0 + 2 * e, w, wd, y, relu)
+    return bad
+
+
 @njit(cache=True, nogil=True, _nrt=False)
 def _max_2x2_planes(x, y, idx, with_idx, h, w, lo, hi):
     """Planes [lo, hi) of a kernel 2, stride 2, unpadded max pool; x, y, idx flat (planes, H, W)
     and (planes, H//2, W//2) stacks."""
     oh_, ow_ = h // 2, w // 2
-    vl = _lanes(x)
     keep = x.dtype.type(-0.0)  # x + -0.0 is x for every x, -0.0 included
     for p in range(lo, hi):
         for oh in range(oh_):
-            i0 = (p * h + 2 * oh) * w
-            j0 = (p * oh_ + oh) * ow_
-            for e in range(0, ow_, vl):
-                _max_2x2_vector(x, i0 + 2 * e, w, w, y, j0 + e, min(vl, ow_ - e), idx, 2 * oh * w + 2 * e, with_idx,
-                                keep, False)
+            _max_2x2_row(x, (p * h + 2 * oh) * w, w, w, y, (p * oh_ + oh) * ow_, ow_, idx, 2 * oh * w, with_idx,
+                         keep, False)
 
 
 # Planes per prange iteration: at 8 planes of a 32x32 float32 map (32 KiB) a
@@ -397,16 +411,13 @@ def _max_back_2x2_planes(g, idx, gx, bad, h, w, lo, hi):
     once and there is no zero-fill pass; ``bad[p]`` counts plane p's indices that lie outside
     their own window (their gradient is dropped)."""
     oh_, ow_ = h // 2, w // 2
-    vl = _lanes(g)
     zero = gx.dtype.type(0)
     for p in range(lo, hi):
         nbad = 0
         for oh in range(oh_):
             i0 = (p * h + 2 * oh) * w
             j0 = (p * oh_ + oh) * ow_
-            for e in range(0, ow_, vl):
-                nbad += _max_2x2_back_vector(g, j0 + e, idx, 2 * oh * w + 2 * e, min(vl, ow_ - e), gx, i0 + 2 * e, w,
-                                             w, g, False)
+            nbad += _max_2x2_back_row(g, j0, idx, 2 * oh * w, ow_, gx, i0, w, w, g, False)
             for iw in range(2 * ow_, w):  # an odd last column is in no window
                 gx[i0 + iw] = zero
                 gx[i0 + w + iw] = zero
