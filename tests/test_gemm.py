@@ -261,3 +261,35 @@ def test_bad_scalars_raise():
         fastkern.matmul(a, a, alpha="2")
     with pytest.raises(ValueError, match="beta"):
         fastkern.matmul(a, a, beta=float("nan"), out=np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_plain_calls_and_fully_checked_calls_agree(dtype):
+    # plain arguments take a shortcut past the full checks; numpy scalars, views and
+    # transposes take the checks, and both must give the same product
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((37, 19)).astype(dtype)
+    b = rng.standard_normal((19, 23)).astype(dtype)
+    ref = a.astype(np.float64) @ b
+    plain = fastkern.matmul(a, b)
+    checked = fastkern.matmul(a[:, :], b, alpha=np.float64(1.0))
+    out = np.full((37, 23), np.nan, dtype)
+    into = fastkern.matmul(a, b, out=out, alpha=2.0, beta=0.0)
+    assert into is out
+    np.testing.assert_array_equal(plain, checked)
+    np.testing.assert_allclose(plain, ref, rtol=0, atol=_tol(np.dtype(dtype), 19, 6))
+    np.testing.assert_allclose(out, 2 * ref, rtol=0, atol=_tol(np.dtype(dtype), 19, 12))
+
+
+def test_plain_looking_calls_with_bad_values_still_raise():
+    a = np.ones((3, 3))
+    with pytest.raises(TypeError, match="alpha"):
+        fastkern.matmul(a, a, alpha=True)
+    with pytest.raises(ValueError, match="alpha"):
+        fastkern.matmul(a, a, alpha=float("inf"))
+    out = np.empty((3, 3))
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastkern.matmul(a, a, out=out)
+    with pytest.raises(ValueError, match="overlaps input a"):
+        fastkern.matmul(a, np.ones((3, 3)), out=a)
