@@ -595,21 +595,34 @@ class _Plan:
         positions = rows * ow
         self.mr = mr = _mr(dtype)
         # the zero-bordered input grid: every tap of every window, nothing past the last one
-        self.grid = grid = ((od - 1) * sd + (kd - 1) * dd + 1, (oh - 1) * sh + (kh - 1) * dh + 1,
-                            (ow - 1) * sw + (kw - 1) * dw + 1)
+        grid = ((od - 1) * sd + (kd - 1) * dd + 1, (oh - 1) * sh + (kh - 1) * dh + 1,
+                (ow - 1) * sw + (kw - 1) * dw + 1)
         plane = grid[0] * grid[1] * grid[2]
         grids = 2 if backward else 1
         grid_fits = ((c * plane + NR) * grids * dtype.itemsize * n_threads <= _MAX_WORKSPACE_BYTES
                      and _FORCE != "direct")
         wide = sd == sh == sw == 1 and grid_fits and _FORCE != "columns"
+        # On the wide grid each row's right border is also the next row's left border (both
+        # zeros): a window reaching past its row's end reads the next row's first columns.
+        # Each output row then drops (kw-1)*dw - shared computed columns, not (kw-1)*dw:
+        # 3x3 with padding 1 on 16x16 computes 17 columns per output row instead of 18.
+        right = grid[2] - pw - x5_shape[4]  # border columns the windows reach past the input
+        shared = max(0, min(pw, right, (kw - 1) * dw, NR)) if wide else 0
         if wide and _FORCE is None:
-            n_wide = ((od - 1) * grid[1] + oh - 1) * grid[2] + ow
+            n_wide = ((od - 1) * grid[1] + oh - 1) * (grid[2] - shared) + ow
             macs = n_groups * mg * k
             wide = (_round_up_py(n_wide, NR) * macs
                     <= _round_up_py(positions, NR) * macs + positions * n_groups * k * _IM2COL_COST)
+        if wide:
+            grid = (grid[0], grid[1], grid[2] - shared)
+            plane = grid[0] * grid[1] * grid[2]
+        else:
+            shared = 0
+        self.grid = grid
         self.mode = WIDE if wide else GRID_COLUMNS if grid_fits else DIRECT_COLUMNS
         self.ogrid = grid if wide else (od, oh, ow)
-        self.grid_len = c * plane + NR if self.mode != DIRECT_COLUMNS else 0
+        # after the last row its shared border, then slack for tiles reading past the end
+        self.grid_len = c * plane + shared + NR if self.mode != DIRECT_COLUMNS else 0
         mgp_rows, mgp_cols = _round_up_py(mg, mr), _round_up_py(mg, NR)
 
         def layout(rt):

@@ -698,3 +698,33 @@ def test_backward_through_a_max_pool_rejects_bad_indices_and_shapes():
         fastkern.conv2d_backward(g, x, w, pool_indices=idx, activation="relu", output=y)
     with pytest.raises(ValueError, match="at least 2 x 2"):
         fastkern.conv2d_backward(np.ones((2, 4, 0, 0)), x[:, :, :3, :4], w, pool_indices=np.zeros((2, 4, 0, 0), np.int64))
+
+
+@pytest.mark.parametrize("w_shape, padding, dilation, width", [
+    ((4, 3, 3, 3), 1, 1, 17),          # one border column shared by each pair of rows
+    ((4, 3, 5, 5), 2, 1, 18),
+    ((4, 3, 2, 4), "same", 1, 18),     # total padding 3: 1 before, 2 after; 1 shared
+    ((4, 3, 3, 3), 2, (1, 2), 18),     # dilated: reach 4, padding 2 on each side
+    ((4, 3, 1, 1), 1, 1, 18),          # a 1x1 kernel reaches no border: nothing shared
+])
+def test_wide_grid_rows_share_a_border_column(w_shape, padding, dilation, width, monkeypatch):
+    # Each row of the wide grid ends where the next begins, with one run of zeros serving as
+    # the right border of one and the left border of the other. Large values in the first
+    # and last input columns show any window that reads the wrong side of that border.
+    monkeypatch.setattr(conv_mod, "_FORCE", "wide")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 7, 16))
+    x[..., 0] += 1e3
+    x[..., -1] -= 1e3
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    args = dict(stride=1, padding=padding, dilation=dilation, groups=1)
+    ref = naive_conv(x, w, b, **args)
+    np.testing.assert_allclose(fastkern.conv2d(x, w, b, **args), ref, rtol=1e-12, atol=1e-9)
+    plan = next(c.plan for c in reversed(list(conv_mod._CALLS.values())) if c.x5_shape[2:] == (1, 7, 16))
+    assert plan.grid[2] == width
+    gy = rng.standard_normal(ref.shape)
+    u, v = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
+    dx, dw, db = fastkern.conv2d_backward(gy, x, w, **args)
+    np.testing.assert_allclose(np.sum(dx * u), np.sum(gy * naive_conv(u, w, None, **args)), rtol=1e-10)
+    np.testing.assert_allclose(np.sum(dw * v), np.sum(gy * naive_conv(x, v, None, **args)), rtol=1e-10)
