@@ -872,23 +872,29 @@ def _use_direct(m, n, k, A, brs, bcs):
     return _direct_shape(m, n, k, _tile_rows(A), A.itemsize, brs, bcs)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(inline="always")
+def _serial_scratch(m, n, k, mr, kb, direct):
+    """Lengths of the (A, B, row offsets) scratch of _gemm_flat_serial (also called from
+    Python, as ``.py_func``): B packed whole and 2k row offsets on the direct path, an A block
+    and a B panel otherwise."""
+    if direct:
+        return 0, k * -(-n // NR) * NR, 2 * k
+    kcm = min(k, kb)
+    return -(-min(m, MC) // mr) * mr * kcm, -(-min(n, NC_SERIAL) // NR) * NR * kcm, 0
+
+
+@njit(fastmath=_FAST, cache=True, _nrt=False)
 def _gemm_flat_serial(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
-                      alpha, beta):
-    """Single-threaded GEMM on flat operands; allocates only small scratch."""
+                      alpha, beta, ap, bp, brows):
+    """Single-threaded GEMM on flat operands, with scratch of the _serial_scratch lengths from
+    the caller (Python keeps it between calls: allocating it here cost 3-8 us per small call)."""
     if k == 0:
         _scale(C, coff, crs, ccs, m, n, beta)
         return
-    mr = _tile_rows(A)
     if _use_direct(m, n, k, A, brs, bcs):
-        bp = np.empty(k * _cdiv(n, NR) * NR, A.dtype)
-        brows = np.empty(2 * k, np.int64)
         _direct_pack(B, boff, brs, bcs, k, n, bp, brows)
         _direct_rows(0, m, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp, C, coff, crs, ccs, alpha, beta)
         return
-    kcm = min(k, _k_block(A))
-    ap = np.empty(_cdiv(min(m, MC), mr) * mr * kcm, A.dtype)
-    bp = np.empty(_cdiv(min(n, NC_SERIAL), NR) * NR * kcm, A.dtype)
     _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, ccs,
                  alpha, beta, ap, bp, NC_SERIAL)
 
@@ -995,8 +1001,9 @@ def gemm_serial(a, b, c, alpha, beta):
     fa, aoff, ars, acs = _flat_of(a)
     fb, boff, brs, bcs = _flat_of(b)
     fc, coff, crs, ccs = _flat_of(c)
+    na, nb, nrows = _serial_scratch(m, n, k, _tile_rows(a), _k_block(a), _use_direct(m, n, k, fa, brs, bcs))
     _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, coff, crs, ccs,
-                      alpha, beta)
+                      alpha, beta, np.empty(na, a.dtype), np.empty(nb, a.dtype), np.empty(nrows, np.int64))
 
 
 for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
@@ -1026,6 +1033,21 @@ def _workspace(dtype, a_elems, b_elems):
         bbufs = np.empty((nthreads, max(b_elems, 1)), dtype)
     _WORKSPACES[dtype] = (abufs, bbufs)
     return abufs, bbufs
+
+
+_SERIAL_WORKSPACES: dict = {}
+
+
+def _serial_workspace(dtype, a_elems, b_elems, n_rows):
+    """The serial driver's scratch (A block, B panel, row offsets), kept and grown like _workspace."""
+    ws = _SERIAL_WORKSPACES.get(dtype)
+    if ws is None or ws[0].size < a_elems or ws[1].size < b_elems or ws[2].size < n_rows:
+        old = ws or (np.empty(0, dtype), np.empty(0, dtype), np.empty(0, np.int64))
+        ws = (old[0] if old[0].size >= a_elems else np.empty(a_elems, dtype),
+              old[1] if old[1].size >= b_elems else np.empty(b_elems, dtype),
+              old[2] if old[2].size >= n_rows else np.empty(n_rows, np.int64))
+        _SERIAL_WORKSPACES[dtype] = ws
+    return ws
 
 
 def _mr(dtype):
@@ -1063,10 +1085,14 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
         return out
     fa, aoff, ars, acs = _flat_np(a)
     fb, boff, brs, bcs = _flat_np(b)
-    if m * n * k <= SERIAL_WORK:
-        _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, 0, n, 1, alpha, beta)
-        return out
     mr = _mr(out.dtype)
+    if m * n * k <= SERIAL_WORK:
+        kb = KC * 4 // out.itemsize
+        na, nb, nrows = _serial_scratch.py_func(m, n, k, mr, kb, _direct_shape.py_func(m, n, k, mr, out.itemsize,
+                                                                                      brs, bcs))
+        ap, bp, brows = _serial_workspace(out.dtype, na, nb, nrows)
+        _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, 0, n, 1, alpha, beta, ap, bp, brows)
+        return out
     nthreads = get_num_threads()
     if _direct_shape.py_func(m, n, k, mr, out.itemsize, brs, bcs):
         a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
