@@ -78,13 +78,12 @@ def _plain_momentum(hp):
 
 
 @njit(cache=True, inline="always")
-def _momentum_range(param, grad, buf, lo, hi, lr, momentum, omd):
-    # _sgd_elem's arithmetic for _plain_momentum, with no branch in the loop: it vectorizes
-    # (1.7x faster on an L2-resident parameter)
-    for i in range(lo, hi):
-        b = momentum * buf[i] + omd * grad[i]
-        buf[i] = b
-        param[i] = param[i] - lr * b
+def _momentum_elem(param, grad, buf, i, lr, momentum, omd):
+    # _sgd_elem's arithmetic for _plain_momentum, without its branches: a loop of these
+    # vectorizes (1.8x faster on an L2-resident parameter)
+    b = momentum * buf[i] + omd * grad[i]
+    buf[i] = b
+    param[i] = param[i] - lr * b
 
 
 @njit(cache=True)
@@ -92,7 +91,8 @@ def _sgd_serial(param, grad, buf, hp):
     lr, momentum, omd, wd, l1 = hp[0], hp[1], hp[2], hp[3], hp[4]
     nesterov, first_step, use_buf = hp[5] != 0, hp[6] != 0, hp[7] != 0
     if _plain_momentum(hp):
-        _momentum_range(param, grad, buf, 0, param.size, lr, momentum, omd)
+        for i in range(param.size):
+            _momentum_elem(param, grad, buf, i, lr, momentum, omd)
         return
     for i in range(param.size):
         _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
@@ -104,9 +104,7 @@ def _sgd_parallel(param, grad, buf, hp):
     nesterov, first_step, use_buf = hp[5] != 0, hp[6] != 0, hp[7] != 0
     if _plain_momentum(hp):
         for i in prange(param.size):
-            b = momentum * buf[i] + omd * grad[i]
-            buf[i] = b
-            param[i] = param[i] - lr * b
+            _momentum_elem(param, grad, buf, i, lr, momentum, omd)
     else:
         for i in prange(param.size):
             _sgd_elem(param, grad, buf, i, lr, momentum, omd, nesterov, wd, l1, first_step, use_buf)
