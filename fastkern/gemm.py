@@ -43,12 +43,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
-from ._checks import check_no_overlap, check_out, check_scalar
+from ._checks import FLOAT_DTYPES, check_no_overlap, check_out, check_scalar
 from ._codegen import FMA, vectorized, zeros
 from .threads import get_num_threads
 
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_MATMUL_DTYPES = (_F32, _F64)
+_MATMUL_DTYPES = FLOAT_DTYPES
+_F32, _F64 = FLOAT_DTYPES
 
 # Block sizes. Registers: an MR x NR tile is 16 zmm accumulators (float32
 # 8 x 32, float64 4 x 32), enough independent FMA chains to cover the 4-cycle
@@ -1087,9 +1087,9 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     fb, boff, brs, bcs = _flat_np(b)
     mr = _mr(out.dtype)
     if m * n * k <= SERIAL_WORK:
-        kb = KC * 4 // out.itemsize
-        na, nb, nrows = _serial_scratch.py_func(m, n, k, mr, kb, _direct_shape.py_func(m, n, k, mr, out.itemsize,
-                                                                                      brs, bcs))
+        kb = KC * 4 // out.itemsize  # _k_block's
+        direct = _direct_shape.py_func(m, n, k, mr, out.itemsize, brs, bcs)
+        na, nb, nrows = _serial_scratch.py_func(m, n, k, mr, kb, direct)
         ap, bp, brows = _serial_workspace(out.dtype, na, nb, nrows)
         _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, 0, n, 1, alpha, beta, ap, bp, brows)
         return out
