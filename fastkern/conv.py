@@ -6,7 +6,9 @@ volume reduction rows and the output positions of one sample as columns:
 
 * forward:     ``y[n, g]  = W[g] @ cols[g]``               (+ bias per row)
 * grad weight: ``dW[g]   += dy[n, g] @ cols[g].T``          per-thread partials
-* grad input:  ``dcols[g] = W[g].T @ dy[n, g]``, folded back onto ``dx[n]``
+* grad input:  ``dcols[g] = W[g].T @ dy[n, g]``, folded back onto ``dx[n]``; or on
+  the wide grid, where that is cheaper, gathered as a transposed convolution
+  (``dx[n, g] = W~[g] @ dy-windows``, below)
 
 Every sample is first copied into a zero-bordered grid (C, Dp, Hp, Wp) that
 holds each tap of each window, so no loop over the columns tests a border.
@@ -19,7 +21,10 @@ The columns come from that grid in one of two ways:
   row offsets: no im2col at all. Grid columns past OW (the kernel's reach at
   the end of each row) are computed and dropped; in the backward, grad_y is
   spread onto the grid with zeros there, and grad input folds back by
-  contiguous adds.
+  contiguous adds. Or it is gathered: input grid column X takes
+  ``W[co, c, tap] * dy[co, X - offset(tap)]`` summed over (co, tap), each
+  channel of dy laid among enough zeros that every such read off an output
+  is zero, so no fold and no test of a border (C/G rows, Mg x taps deep).
 * **explicit columns** (other strides, or where the dropped columns would cost
   more than a copy, ``_IM2COL_COST``): a band of output rows is gathered from
   the grid into a buffer hot in L2, packed into NR-column panels for the
@@ -75,6 +80,12 @@ _STAGE_VECTORS = 64
 # None picks the column source by cost; tests force "wide", "columns" (gathered from the
 # grid) or "direct" (gathered from the input, no grid) where it applies.
 _FORCE = None
+# Grad input on the wide grid, gathered as a transposed convolution costs one multiply-add per
+# (input channel, grid column, output channel, tap), against W.T @ dy plus its fold onto the grid,
+# about this many multiply-adds per (K row, column) added back; None picks by that cost, tests
+# force True (gathered) or False (folded).
+_FOLD_COST = 16
+_DX_GATHER = None
 
 _workspaces: dict = {}
 _peak_bytes = 0
@@ -176,6 +187,21 @@ def _grid_copy(xn, xg, geo, grid, to_grid):
                 else:
                     for e in range(run):
                         sample[e] = inside[e]
+
+
+@njit(cache=True, _nrt=False)
+def _grid_unpack(xn, c0, n_chan, src, ld, grid):
+    """Channels [c0, c0 + n_chan) of ``xn`` (C, D, H, W) from ``src``: channel c's grid, rows
+    ``ld`` apart, from its interior's first element on (input (z, r, e) at ``(z*Hp + r)*Wp + e``)."""
+    d, h, w = xn.shape[1], xn.shape[2], xn.shape[3]
+    hp, wp = grid[1], grid[2]
+    for c in range(n_chan):
+        for z in range(d):
+            for r in range(h):
+                inside = _tail(src, c * ld + (z * hp + r) * wp)
+                sample = xn[c0 + c, z, r]
+                for e in range(w):
+                    sample[e] = inside[e]
 
 
 @njit(cache=True, _nrt=False)
@@ -469,17 +495,18 @@ def _dot_tiles(g, n_runs, dyw, dystep, src, sstep, aoffs, toffs, dwp_g, mg, k, l
 @njit(parallel=True, cache=True)
 def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db, ws, boffs, arows, dyoffs, goffs,
                      geo, grid, ogrid, mode, rt, n_bands, mg, k, gstride, grid_len, col_len, ld, stage, do_dx,
-                     n_threads):
+                     dxl, n_threads):
     # gy (N, G*Mg, P), and with relu the forward's output yr (same shape: grad_y is taken through
     # the fused ReLU as it is spread); x, dx (N, C, D, H, W) (dx zeroed, unused without do_dx);
-    # wtpk (G, packed W[g].T);
+    # wtpk (G, packed W[g].T), or with grad input gathered (dxl[0], see _Plan) the packed
+    # (G, C/G x Mg*taps) weights of the transposed convolution;
     # zeroed per-thread partials: db (T, G*Mg) of the bias grad, and of the weight grad either
     # dwt (T, G, K~, Mg~) = dW[g].T from NR-wide tiles, or, when dwp (T, G, Mg/R, K/S, R*S*VL) is
     # not empty, per-lane sums of inner-product tiles (narrow layers). With stage > 1 (wide grid, one
     # band, inner-product tiles) each thread keeps the grids and grad_y of ``stage`` samples and
     # reduces the weight gradient over all of them per tile. With ``pooled``, gy and yr are the
     # gradient and output of a 2x2 stride-2 max pool of the conv's output (N, G*Mg, P/4) and pidx
-    # its indices; nbad (T,) counts indices outside their window
+    # its indices; nbad (T,) counts indices outside their window. dxl: _Plan.dx_layout
     gy, yr, x, wtpk, dx, dwt, dwp, db, ws = (borrowed(gy), borrowed(yr), borrowed(x), borrowed(wtpk), borrowed(dx),
                                              borrowed(dwt), borrowed(dwp), borrowed(db), borrowed(ws))
     pidx, nbad = borrowed(pidx), borrowed(nbad)
@@ -491,21 +518,22 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
     mr = _tile_rows(x)
     mgp = dwt.shape[3]
     zero = gy.dtype.type(0)
+    gather, lead, dld, ldx, ncol_dx, dxg_len, dcol_len = dxl[0], dxl[1], dxl[2], dxl[3], dxl[4], dxl[5], dxl[6]
     for t in prange(n_threads):
         buf = ws[t]
         xgs = buf[:stage * grid_len]  # the staged samples' grids
         o = stage * grid_len
-        dxg = buf[o:o + grid_len]  # grad input on the grid, folded into
-        o += grid_len
+        dxg = buf[o:o + dxg_len]  # grad input on the grid, folded into
+        o += dxg_len
         col = buf[o:o + col_len]
         o += col_len
-        dyl = n_groups * mg * ld
-        dyws = buf[o:o + stage * dyl]  # grad_y on the output grid, rows ld apart, per staged sample
+        dyl = lead + n_groups * mg * dld
+        dyws = buf[o:o + stage * dyl]  # grad_y on the output grid, rows dld apart after lead, per staged sample
         o += stage * dyl
         dyt = buf[o:o + mgp * ld]  # one group's grad_y transposed into NR-channel panels
         o += mgp * ld
-        dcol = buf[o:o + (n_groups * k + mr) * ld]  # grad input columns
-        o += (n_groups * k + mr) * ld
+        dcol = buf[o:o + dcol_len]  # grad input columns
+        o += dcol_len
         tile = buf[o:]
         dwt_t = dwt[t]
         dot = dwp.size > 0
@@ -515,12 +543,14 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
         ocol = np.empty(rt, np.int64)
         xgs[:] = zero
         dxg[:] = zero
+        if gather:  # the transposed convolution reads the zeros around each channel's grad_y
+            dyws[:] = zero
         n_lo, n_hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
         lpad, jb = 0, 0
         for n in range(n_lo, n_hi):
             s = (n - n_lo) % stage
             xg = xgs[s * grid_len:(s + 1) * grid_len]
-            dyw = dyws[s * dyl:(s + 1) * dyl]
+            dyw = dyws[s * dyl + lead:(s + 1) * dyl]
             src = xg if mode == WIDE else col
             if mode != DIRECT_COLUMNS:
                 _grid_copy(x[n], xg, geo, grid, True)
@@ -531,27 +561,34 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
                 lpad = _round_up(ncol, NR)
                 for co in range(n_groups * mg):
                     if pooled:
-                        part, bad = _spread_pooled(dyw[co * ld:co * ld + lpad], gy[n, co], pidx[n, co], yr[n, co],
-                                                   relu, ocol, r0, r1, ow)
+                        part, bad = _spread_pooled(dyw[co * dld:co * dld + lpad], gy[n, co], pidx[n, co],
+                                                   yr[n, co], relu, ocol, r0, r1, ow)
                         db[t, co] += part
                         nbad[t] += bad
                     else:
-                        db[t, co] += _spread_rows(dyw[co * ld:co * ld + lpad], gy[n, co, r0 * ow:r1 * ow],
+                        db[t, co] += _spread_rows(dyw[co * dld:co * dld + lpad], gy[n, co, r0 * ow:r1 * ow],
                                                   yr[n, co, r0 * ow:r1 * ow], relu, ocol, r1 - r0, ow)
                 for g in range(n_groups):
                     if dot and stage == 1:  # grad weight: dW[g] += dyw[g] @ cols.T, both read in place
-                        _dot_tiles(g, 1, dyw, 0, src, 0, aoffs, toffs, dwp[t, g], mg, k, ld, gstride, jb, lpad,
+                        _dot_tiles(g, 1, dyw, 0, src, 0, aoffs, toffs, dwp[t, g], mg, k, dld, gstride, jb, lpad,
                                    boffs)
                     elif not dot:  # grad weight: dW[g].T += cols (K x ncol, rows in place) @ dyw[g].T (packed here)
                         for q in range(mgp // NR):
-                            _channel_panel(dyw, (g * mg + q * NR) * ld, ld, min(NR, mg - q * NR), ncol,
+                            _channel_panel(dyw, (g * mg + q * NR) * dld, dld, min(NR, mg - q * NR), ncol,
                                            dyt[q * ncol * NR:(q + 1) * ncol * NR])
                         tiles_a_rows(k, mg, ncol, src, g * gstride + jb, arows, dyt, dwt_t[g].reshape(-1), mgp,
                                      tile)
-                    if do_dx:
+                    if do_dx and gather:
+                        # grad input of the group's channels on the grid: the transposed convolution
+                        # sum over (co, tap) of W[co, c, tap] * dyw[co, X - tap offset]
+                        cin = x.shape[1] // n_groups
+                        tiles_b_rows(cin, ncol_dx, mg * (k // cin), wtpk[g], dyws[s * dyl:], g * mg * dld, dyoffs,
+                                     dcol, ldx, tile)
+                        _grid_unpack(dx[n], g * cin, cin, dcol, ldx, grid)
+                    elif do_dx:
                         # grad input columns of the band: W[g].T @ dyw[g]
                         dc = dcol[g * k * ld:]
-                        tiles_b_rows(k, ncol, mg, wtpk[g], dyw, g * mg * ld, dyoffs, dc, ld, tile)
+                        tiles_b_rows(k, ncol, mg, wtpk[g], dyw, g * mg * dld, dyoffs, dc, ld, tile)
                         if mode == WIDE:
                             for kk in range(k):
                                 d0 = g * gstride + jb + boffs[kk]
@@ -564,16 +601,16 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
                 elif do_dx and mode == DIRECT_COLUMNS:
                     n_rows = n_groups * k
                     scatter_rows(dx[n], dcol[:n_rows * ld].reshape((n_rows, ld)), 0, x.shape[1], r0, r1, geo)
-            if do_dx and mode != DIRECT_COLUMNS:
+            if do_dx and mode != DIRECT_COLUMNS and not gather:
                 _grid_copy(dx[n], dxg, geo, grid, False)
                 dxg[:] = zero
             if dot and stage > 1 and (s == stage - 1 or n == n_hi - 1):  # the staged samples at once
                 for g in range(n_groups):
-                    _dot_tiles(g, s + 1, dyws, dyl, xgs, grid_len, aoffs, toffs, dwp[t, g], mg, k, ld, gstride, jb,
-                               lpad, boffs)
+                    _dot_tiles(g, s + 1, dyws[lead:], dyl, xgs, grid_len, aoffs, toffs, dwp[t, g], mg, k, dld,
+                               gstride, jb, lpad, boffs)
 
 
-for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
+for _kernel in (_band_rows, _grid_copy, _grid_unpack, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
                 _spread_rows, _spread_pooled,
                 _dot_tiles,
                 _forward_kernel, _backward_kernel):
@@ -624,49 +661,79 @@ class _Plan:
         # after the last row its shared border, then slack for tiles reading past the end
         self.grid_len = c * plane + shared + NR if self.mode != DIRECT_COLUMNS else 0
         mgp_rows, mgp_cols = _round_up_py(mg, mr), _round_up_py(mg, NR)
+        taps = np.arange(kd * kh * kw)
+        tap_off = ((taps // (kh * kw)) * dd * grid[1] * grid[2] + (taps // kw % kh) * dh * grid[2]
+                   + (taps % kw) * dw)
+        # Grad input gathered (wide grid, whole samples): the input's grid column X takes
+        # sum over (co, tap) of W[co, c, tap] * dy[co, X - tap offset], dy zero off the outputs,
+        # one product with the C/G input channels as rows and Mg x taps as the reduction,
+        # instead of W.T @ dy (K rows of Mg) folded back onto the grid by K adds per column.
+        cin_g = c // n_groups
+        first = (pd * grid[1] + ph) * grid[2] + pw  # grid column of input (0, 0, 0)
+        ncol_dx = ((x5_shape[2] - 1) * grid[1] + x5_shape[3] - 1) * grid[2] + x5_shape[4]
+        ldx = _round_up_py(ncol_dx, NR)
+        lead = _round_up_py(max(0, int(tap_off[-1]) - first), 16)
+        gather = backward and wide
+        if gather and _DX_GATHER is None:
+            n_dy = ((od - 1) * grid[1] + oh - 1) * grid[2] + ow
+            gather = (_round_up_py(cin_g, mr) * ldx * mg * len(taps)
+                      <= _round_up_py(k, mr) * _round_up_py(n_dy, NR) * mg + k * n_dy * _FOLD_COST)
+        elif gather:
+            gather = _DX_GATHER
 
-        def layout(rt):
+        def layout(rt, gather):
             ld = _round_up_py(max(self._band_width(r0, min(r0 + rt, rows), geo) for r0 in range(0, rows, rt)), NR)
             col_len = 0 if wide else n_groups * k * ld + NR
+            if gather:  # channel rows of grad_y far enough apart that each is read among zeros
+                dld = _round_up_py(max(ld + lead, first + ldx), 16)
+                dyl, dxg_len, dcol_len = lead + n_groups * mg * dld, 0, _round_up_py(cin_g, mr) * ldx
+            else:
+                dld, dyl, dxg_len, dcol_len = ld, n_groups * mg * ld, self.grid_len, (n_groups * k + mr) * ld
             if backward:
-                floats = (self.grid_len * 2 + col_len + n_groups * mg * ld + mgp_cols * ld
-                          + (n_groups * k + mr) * ld + mr * NR)
+                floats = self.grid_len + dxg_len + col_len + dyl + mgp_cols * ld + dcol_len + mr * NR
             else:
                 floats = self.grid_len + col_len + mgp_rows * ld + mr * NR
-            return ld, col_len, floats
+            return ld, col_len, floats, (int(gather), lead if gather else 0, dld, ldx, ncol_dx, dxg_len, dcol_len)
 
         budget = min(_THREAD_BYTES, _MAX_WORKSPACE_BYTES // n_threads) // dtype.itemsize
         rt = rows
         if not backward and min_bands > 1:
             rt = -(-rows // min(rows, min_bands))
-        ld, col_len, floats = layout(rt)
+        ld, col_len, floats, dxl = layout(rt, gather)
+        if gather and floats > budget:
+            gather = False
+            ld, col_len, floats, dxl = layout(rt, gather)
         while rt > 1 and floats > budget:
             rt = max(1, min(rt - 1, rt * budget // floats))
-            ld, col_len, floats = layout(rt)
+            ld, col_len, floats, dxl = layout(rt, gather)
         if pooled and rt < rows and rt % 2:  # a pool window's two rows stay in one band
             rt = max(2, rt - 1)
-            ld, col_len, floats = layout(rt)
+            ld, col_len, floats, dxl = layout(rt, gather)
         self.rt, self.n_bands = rt, -(-rows // rt)
+        self.dx_gather = gather
+        self.dx_layout = np.array(dxl, np.int64)
+        dld = dxl[2]
         # inner-product weight-gradient tiles on the wide grid of whole samples reduce over the
         # positions of one sample only (10 vectors for LeNet's second layer): staging several
         # samples' grids and grad_y lets each tile's partial sums be loaded and stored once for all
         self.stage = 1
         if backward and dot and wide and self.n_bands == 1:
-            per_sample = self.grid_len + n_groups * mg * ld
+            per_sample = self.grid_len + int(self.dx_layout[1]) + n_groups * mg * dld
             vectors = ld * dtype.itemsize // 64
             self.stage = int(max(1, min(_STAGE_VECTORS // vectors, -(-n // n_threads),
                                         1 + (budget - floats) // per_sample)))
             floats += (self.stage - 1) * per_sample
         self.ld, self.col_len, self.per_thread = ld, col_len, floats
-        taps = np.arange(kd * kh * kw)
-        tap_off = ((taps // (kh * kw)) * dd * grid[1] * grid[2] + (taps // kw % kh) * dh * grid[2]
-                   + (taps % kw) * dw)
         self.goffs = (np.arange(c)[:, None] * plane + tap_off[None, :]).reshape(-1).astype(np.int64)
         self.gstride = (c // n_groups) * plane if wide else k * ld
         self.boffs = self.goffs[:k].copy() if wide else (np.arange(k) * ld).astype(np.int64)
         self.arows = np.zeros(_round_up_py(k, mr), np.int64)
         self.arows[:k] = self.boffs
-        self.dyoffs = (np.arange(mg) * ld).astype(np.int64)
+        if gather:  # B rows of the transposed convolution, (co, tap) in weight order
+            self.dyoffs = (lead + first + np.arange(mg)[:, None] * dld - tap_off[None, :]).reshape(-1)
+        else:
+            self.dyoffs = np.arange(mg) * dld
+        self.dyoffs = self.dyoffs.astype(np.int64)
 
     def _band_width(self, r0, r1, geo):
         oh, ow = geo[13], geo[14]
@@ -697,7 +764,7 @@ def _call_key(arrays, params):
         return None
     # the tunables below are in the key too: tests change them to force each path
     sig = [get_num_threads(), _FORCE, _THREAD_BYTES, _MAX_WORKSPACE_BYTES, _IM2COL_COST, _DOT_PARTIAL_BYTES,
-           _STAGE_VECTORS]
+           _STAGE_VECTORS, _FOLD_COST, _DX_GATHER]
     for a in arrays:
         if a is None:
             sig.append(None)
@@ -741,8 +808,8 @@ class _Call:
             # the grid copy writes every element of grad_x unless windows stop short of the input
             # (strided) or the columns come straight from the input: then grad_x starts zeroed
             p = self.plan
-            self.dx_covered = p is not None and p.mode != DIRECT_COLUMNS and all(
-                g - lo >= size for g, lo, size in zip(p.grid, self.geo[6:9], self.x5_shape[2:]))
+            self.dx_covered = p is not None and (p.dx_gather or p.mode != DIRECT_COLUMNS and all(
+                g - lo >= size for g, lo, size in zip(p.grid, self.geo[6:9], self.x5_shape[2:])))
 
 
 def _packed_weights(w3, transpose, mr):
@@ -872,13 +939,18 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         yr = gy if output is None else np.ascontiguousarray(output).reshape(gy.shape)
         pidx = np.ascontiguousarray(pool_indices).reshape(gy.shape) if pooled else _NO_INDICES
         ws = _workspace("backward", dtype, n_threads, plan.per_thread)
-        wtpk = _packed_weights(w3, True, mr)
+        if plan.dx_gather:  # the transposed convolution's weights: (G, C/G, Mg x taps)
+            c_g = call.x5_shape[1] // n_groups
+            wdx = w3.reshape(n_groups, mg, c_g, k // c_g).transpose(0, 2, 1, 3).reshape(n_groups, c_g, -1)
+            wtpk = _packed_weights(np.ascontiguousarray(wdx), False, mr)
+        else:
+            wtpk = _packed_weights(w3, True, mr)
         dx5 = dx.reshape(call.x5_shape if input_grad else (0,) * 5)
         nbad = np.zeros(n_threads, np.int64)
         _backward_kernel(gy, yr, output is not None, pidx, pooled, nbad, x5, wtpk, dx5, dwt, dwp, db, ws,
                          plan.boffs, plan.arows, plan.dyoffs, plan.goffs, call.geo, plan.grid, plan.ogrid,
                          plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len, plan.col_len,
-                         plan.ld, plan.stage, input_grad, n_threads)
+                         plan.ld, plan.stage, input_grad, plan.dx_layout, n_threads)
         if nbad.any():
             raise ValueError(f"{op}: {int(nbad.sum())} of pool_indices' {pool_indices.size} entries are outside "
                              f"their 2x2 window; pass the indices max_pool2d returned for this conv's output")

@@ -728,3 +728,100 @@ def test_wide_grid_rows_share_a_border_column(w_shape, padding, dilation, width,
     dx, dw, db = fastkern.conv2d_backward(gy, x, w, **args)
     np.testing.assert_allclose(np.sum(dx * u), np.sum(gy * naive_conv(u, w, None, **args)), rtol=1e-10)
     np.testing.assert_allclose(np.sum(dw * v), np.sum(gy * naive_conv(x, v, None, **args)), rtol=1e-10)
+
+
+def naive_conv_grad_w_general(gy, x, w, stride, padding, dilation, groups):
+    # stride 1: dW[o, c, tap] = sum over n and outputs of gy[n, o] * (tap's window of the padded x)[n, c]
+    assert stride in (1, (1,) * (x.ndim - 2))
+    nd = x.ndim - 2
+    kernel = w.shape[2:]
+    dilation = (dilation,) * nd if isinstance(dilation, int) else dilation
+    xp = np.pad(x, [(0, 0), (0, 0)] + _pads(padding, kernel, dilation, nd))
+    out = gy.shape[2:]
+    co, cg = w.shape[:2]
+    mg = co // groups
+    dw = np.zeros(w.shape)
+    for tap in np.ndindex(*kernel):
+        win = xp[(slice(None), slice(None)) + tuple(slice(t * d, t * d + o) for t, d, o in zip(tap, dilation, out))]
+        for g in range(groups):
+            dw[(slice(g * mg, (g + 1) * mg), slice(None)) + tap] = np.tensordot(
+                gy[:, g * mg:(g + 1) * mg], win[:, g * cg:(g + 1) * cg], axes=([0] + list(range(2, nd + 2)),) * 2)
+    return dw
+
+
+def naive_conv_grad_x(gy, w, x_shape, stride, padding, dilation, groups):
+    # The adjoint of naive_conv's windows: each tap's window of the padded input gets W.T @ gy.
+    nd = len(x_shape) - 2
+    kernel = w.shape[2:]
+    stride = (stride,) * nd if isinstance(stride, int) else stride
+    dilation = (dilation,) * nd if isinstance(dilation, int) else dilation
+    pads = _pads(padding, kernel, dilation, nd)
+    gxp = np.zeros(x_shape[:2] + tuple(s + lo + hi for s, (lo, hi) in zip(x_shape[2:], pads)))
+    out = gy.shape[2:]
+    co, cg = w.shape[:2]
+    mg = co // groups
+    for tap in np.ndindex(*kernel):
+        sl = tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out))
+        for g in range(groups):
+            wt = w[(slice(g * mg, (g + 1) * mg), slice(None)) + tap].astype(np.float64)  # (mg, cg)
+            part = np.tensordot(wt, gy[:, g * mg:(g + 1) * mg], axes=([0], [1])).swapaxes(0, 1)
+            gxp[(slice(None), slice(g * cg, (g + 1) * cg)) + sl] += part
+    inner = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, x_shape[2:]))
+    return gxp[(slice(None), slice(None)) + inner]
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("case", [c for c in SOURCE_CASES if c[2] == 1] + [
+    ((2, 3, 7, 16), (4, 3, 3, 3), 1, 1, 1, 1),          # SmallCNN-like: one shared border column
+    ((8, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1, 1),        # LeNet's second layer: no padding, staged samples
+    ((2, 2, 6, 7), (3, 2, 1, 1), 1, 2, 1, 1),           # padding past a 1x1 kernel's reach
+    ((2, 4, 5, 6), (6, 2, 3, 3), 1, 3, (2, 1), 2),      # padding past a dilated reach, groups
+    ((1, 3, 4, 5, 6), (2, 3, 3, 2, 3), 1, (0, 1, 2), (1, 2, 1), 1),
+], ids=lambda c: f"{c[0]}-{c[1]}-p{c[3]}")
+def test_grad_input_gathered_or_folded_matches_reference(case, gather, monkeypatch):
+    # Grad input on the wide grid either as the transposed convolution over grad_y laid among
+    # zeros, or as W.T @ grad_y folded back onto the grid: both against the naive adjoint.
+    # Large values on the input's edges and in grad_y's first and last columns show a
+    # window that reads across a row, plane or channel boundary.
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    monkeypatch.setattr(conv_mod, "_FORCE", "wide")
+    monkeypatch.setattr(conv_mod, "_DX_GATHER", gather)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    nd = x.ndim - 2
+    x[..., 0] += 1e3
+    x[..., -1] -= 1e3
+    gy = rng.standard_normal(FWD[nd](x, w, None, **args).shape)
+    gy[..., 0] += 1e3
+    gy[..., -1] -= 1e3
+    for ws_fill in (0.0, np.nan):  # a previous call's values left in the scratch are never read
+        conv_mod.clear_workspaces()
+        conv_mod._workspace("backward", np.float64, fastkern.get_num_threads(), 1 << 16)[:] = ws_fill
+        dx, dw, _ = BWD[nd](gy, x, w, **args)
+        call = list(conv_mod._CALLS.values())[-1]
+        assert call.plan.mode == conv_mod.WIDE and call.plan.dx_gather == gather
+        np.testing.assert_allclose(dx, naive_conv_grad_x(gy, w, x_shape, **args), rtol=1e-10, atol=1e-8)
+        np.testing.assert_allclose(dw, naive_conv_grad_w_general(gy, x, w, **args), rtol=1e-10, atol=1e-6)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("x_shape, w_shape, padding", [((4, 6, 14, 14), (16, 6, 5, 5), 0),
+                                                       ((3, 4, 9, 11), (8, 4, 3, 3), 1)])
+def test_gathered_grad_input_through_relu_and_max_pool_matches_reference(x_shape, w_shape, padding, gather,
+                                                                         monkeypatch):
+    monkeypatch.setattr(conv_mod, "_FORCE", "wide")
+    monkeypatch.setattr(conv_mod, "_DX_GATHER", gather)
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    y = fastkern.conv2d(x, w, padding=padding, activation="relu")
+    pooled, idx = fastkern.max_pool2d(y, 2, return_indices=True)
+    g = rng.standard_normal(pooled.shape)
+    dx, dw, db = fastkern.conv2d_backward(g, x, w, padding=padding, activation="relu", output=pooled,
+                                          pool_indices=idx)
+    gy = fastkern.max_pool2d_backward(g, idx, y.shape, 2) * (y > 0)
+    args = dict(stride=1, padding=padding, dilation=1, groups=1)
+    np.testing.assert_allclose(dx, naive_conv_grad_x(gy, w, x_shape, **args), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, naive_conv_grad_w_general(gy, x, w, **args), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, gy.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-10)
