@@ -739,6 +739,26 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
                 _store_tile(tile, NR, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
 
 
+@njit(fastmath=_FAST, cache=True, _nrt=False)
+def _macro_kernel_packing(ap, B, boff, brs, bcs, kc, mc, nc, bp, C, coff, crs, ccs, alpha, beta):
+    """:func:`_macro_kernel` over B unpacked: each NR-column micro-panel of B is packed into
+    ``bp`` and used by every tile of the column at once, while it is in L1. For A of at most
+    MC rows (a linear layer's batch), where packing the whole KC x NC panel of B first wrote
+    and re-read a panel larger than L2 (128x256x4096: 4 MiB) for only mc/MR tiles per panel."""
+    mr = _tile_rows(ap)
+    tile = _register_tile(ap)
+    for jr in range(0, nc, NR):
+        nr = min(NR, nc - jr)
+        _pack_b_panel(B, boff + jr * bcs, brs, bcs, kc, nr, bp, 0)
+        for ir in range(0, mc, mr):
+            rows = min(mr, mc - ir)
+            cij = coff + ir * crs + jr * ccs
+            to_c = ccs == 1 and rows == mr and nr == NR
+            _micro_kernel(kc, ap, ir * kc, 1, mr, None, bp, 0, None, tile, C, cij, crs, alpha, beta, to_c)
+            if not to_c:
+                _store_tile(tile, NR, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
+
+
 # --------------------------------------------------------------------------- #
 # Tile loops over operands read in place, for the convolutions. C is their
 # scratch buffer, padded to whole MR x NR tiles, so every tile is stored
@@ -909,8 +929,13 @@ def _gemm_packed(m, n, k, A, aoff, ars, acs, B, boff, brs, bcs, C, coff, crs, cc
         nc = min(nc_max, n - jc)
         for pc in range(0, k, kb):
             kc = min(kb, k - pc)
-            _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
             bt = beta if pc == 0 else C.dtype.type(1)
+            if m <= MC:  # one block of A: each micro-panel of B packed just before its tiles use it
+                _pack_a(A, aoff + pc * acs, ars, acs, m, kc, ap, mr)
+                _macro_kernel_packing(ap, B, boff + pc * brs + jc * bcs, brs, bcs, kc, m, nc, bp, C,
+                                      coff + jc * ccs, crs, ccs, alpha, bt)
+                continue
+            _pack_b(B, boff + pc * brs + jc * bcs, brs, bcs, kc, nc, bp)
             for ic in range(0, m, MC):
                 mc = min(MC, m - ic)
                 _pack_a(A, aoff + ic * ars + pc * acs, ars, acs, mc, kc, ap, mr)
@@ -1006,8 +1031,9 @@ def gemm_serial(a, b, c, alpha, beta):
                       alpha, beta, np.empty(na, a.dtype), np.empty(nb, a.dtype), np.empty(nrows, np.int64))
 
 
-for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel, _direct_rows, _micro_kernel, dot_tile,
-           _pack_a, _pack_b_panel, _pack_b, _direct_pack, tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
+for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel,
+           _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, _pack_a, _pack_b_panel, _pack_b, _direct_pack,
+           tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
 
 

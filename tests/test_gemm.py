@@ -65,7 +65,8 @@ def test_matmul_matches_numpy(m, k, n, dtype, va, vb, trans_a, trans_b, use_out,
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(36864 // 8, 25, 6), (4096, 150, 16), (64, 400, 120),
-                                   (64, 120, 84), (300, 700, 2100), (5, 1000, 3), (20, 300, 4200)])
+                                   (64, 120, 84), (300, 700, 2100), (5, 1000, 3), (20, 300, 4200),
+                                   (100, 260, 1030)])
 def test_matmul_cnn_and_blocked_shapes(dtype, shape):
     m, k, n = shape
     rng = np.random.default_rng(1)
