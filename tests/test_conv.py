@@ -778,7 +778,8 @@ def naive_conv_grad_x(gy, w, x_shape, stride, padding, dilation, groups):
     ((2, 4, 5, 6), (6, 2, 3, 3), 1, 3, (2, 1), 2),      # padding past a dilated reach, groups
     ((1, 3, 4, 5, 6), (2, 3, 3, 2, 3), 1, (0, 1, 2), (1, 2, 1), 1),
 ], ids=lambda c: f"{c[0]}-{c[1]}-p{c[3]}")
-def test_grad_input_gathered_or_folded_matches_reference(case, gather, monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_grad_input_gathered_or_folded_matches_reference(case, gather, dtype, monkeypatch):
     # Grad input on the wide grid either as the transposed convolution over grad_y laid among
     # zeros, or as W.T @ grad_y folded back onto the grid: both against the naive adjoint.
     # Large values on the input's edges and in grad_y's first and last columns show a
@@ -796,14 +797,18 @@ def test_grad_input_gathered_or_folded_matches_reference(case, gather, monkeypat
     gy = rng.standard_normal(FWD[nd](x, w, None, **args).shape)
     gy[..., 0] += 1e3
     gy[..., -1] -= 1e3
+    x, w, gy = x.astype(dtype), w.astype(dtype), gy.astype(dtype)
+    want_x = naive_conv_grad_x(gy, w, x_shape, **args)
+    want_w = naive_conv_grad_w_general(gy.astype(np.float64), x.astype(np.float64), w, **args)
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
     for ws_fill in (0.0, np.nan):  # a previous call's values left in the scratch are never read
         conv_mod.clear_workspaces()
-        conv_mod._workspace("backward", np.float64, fastkern.get_num_threads(), 1 << 16)[:] = ws_fill
+        conv_mod._workspace("backward", dtype, fastkern.get_num_threads(), 1 << 16)[:] = ws_fill
         dx, dw, _ = BWD[nd](gy, x, w, **args)
         call = list(conv_mod._CALLS.values())[-1]
         assert call.plan.mode == conv_mod.WIDE and call.plan.dx_gather == gather
-        np.testing.assert_allclose(dx, naive_conv_grad_x(gy, w, x_shape, **args), rtol=1e-10, atol=1e-8)
-        np.testing.assert_allclose(dw, naive_conv_grad_w_general(gy, x, w, **args), rtol=1e-10, atol=1e-6)
+        np.testing.assert_allclose(dx, want_x, rtol=rtol, atol=rtol * np.abs(want_x).max())
+        np.testing.assert_allclose(dw, want_w, rtol=rtol, atol=rtol * np.abs(want_w).max())
 
 
 @pytest.mark.parametrize("gather", [True, False])
