@@ -166,10 +166,11 @@ def _round_up(a, b):
 
 
 @njit(cache=True, _nrt=False)
-def _grid_copy(xn, xg, geo, grid, to_grid):
-    """Sample ``xn`` (C, D, H, W) into the interior of the zero-bordered grid ``xg`` (flat
-    C x Dp x Hp x Wp), or with ``to_grid`` False that interior back into ``xn`` (the adjoint of
-    padding drops the borders). Input past the last tap a strided window reaches is left out.
+def _grid_copy(xn, xg, geo, grid, to_grid, cstride):
+    """Sample ``xn`` (C, D, H, W) into the interior of the zero-bordered grid ``xg`` (flat,
+    channel c's Dp x Hp x Wp at ``c * cstride``), or with ``to_grid`` False that interior back
+    into ``xn`` (the adjoint of padding drops the borders). Input past the last tap a strided
+    window reaches is left out.
     """
     n_chan, d, h, w = xn.shape
     pd, ph, pw = geo[6], geo[7], geo[8]
@@ -178,7 +179,7 @@ def _grid_copy(xn, xg, geo, grid, to_grid):
     for c in range(n_chan):
         for z in range(min(d, dp - pd)):
             for r in range(min(h, hp - ph)):
-                o = ((c * dp + z + pd) * hp + r + ph) * wp + pw
+                o = c * cstride + ((z + pd) * hp + r + ph) * wp + pw
                 inside = _tail(xg, o)
                 sample = xn[c, z, r]
                 if to_grid:
@@ -187,21 +188,6 @@ def _grid_copy(xn, xg, geo, grid, to_grid):
                 else:
                     for e in range(run):
                         sample[e] = inside[e]
-
-
-@njit(cache=True, _nrt=False)
-def _grid_unpack(xn, c0, n_chan, src, ld, grid):
-    """Channels [c0, c0 + n_chan) of ``xn`` (C, D, H, W) from ``src``: channel c's grid, rows
-    ``ld`` apart, from its interior's first element on (input (z, r, e) at ``(z*Hp + r)*Wp + e``)."""
-    d, h, w = xn.shape[1], xn.shape[2], xn.shape[3]
-    hp, wp = grid[1], grid[2]
-    for c in range(n_chan):
-        for z in range(d):
-            for r in range(h):
-                inside = _tail(src, c * ld + (z * hp + r) * wp)
-                sample = xn[c0 + c, z, r]
-                for e in range(w):
-                    sample[e] = inside[e]
 
 
 @njit(cache=True, _nrt=False)
@@ -423,6 +409,7 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, pooled, pidx, ws, boffs, go
     rows = geo[12] * oh
     mr = _tile_rows(x)
     mgp = _round_up(mg, mr)
+    plane = grid[0] * grid[1] * grid[2]
     n_items = n_samples * n_bands
     unit = n_bands if n_samples >= 2 * n_threads else 1  # whole samples when there are enough
     n_units = _cdiv(n_items, unit)
@@ -450,7 +437,7 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, pooled, pidx, ws, boffs, go
                 r0 = (it - n * n_bands) * rt
                 r1 = min(r0 + rt, rows)
                 if mode != DIRECT_COLUMNS and n != current:
-                    _grid_copy(x[n], xg, geo, grid, True)
+                    _grid_copy(x[n], xg, geo, grid, True, plane)
                     current = n
                 if mode == GRID_COLUMNS:
                     j0, ncol = _band_rows(r0, r1, geo, grid, ogrid, win, ocol)
@@ -518,7 +505,9 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
     mr = _tile_rows(x)
     mgp = dwt.shape[3]
     zero = gy.dtype.type(0)
-    gather, lead, dld, ldx, ncol_dx, dxg_len, dcol_len = dxl[0], dxl[1], dxl[2], dxl[3], dxl[4], dxl[5], dxl[6]
+    gather, lead, dld, first = dxl[0], dxl[1], dxl[2], dxl[3]
+    ldc, ncol_dx, dxg_len, dcol_len = dxl[4], dxl[5], dxl[6], dxl[7]
+    plane = grid[0] * grid[1] * grid[2]
     for t in prange(n_threads):
         buf = ws[t]
         xgs = buf[:stage * grid_len]  # the staged samples' grids
@@ -553,7 +542,7 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
             dyw = dyws[s * dyl + lead:(s + 1) * dyl]
             src = xg if mode == WIDE else col
             if mode != DIRECT_COLUMNS:
-                _grid_copy(x[n], xg, geo, grid, True)
+                _grid_copy(x[n], xg, geo, grid, True, plane)
             for band in range(n_bands):
                 r0 = band * rt
                 r1 = min(r0 + rt, rows)
@@ -581,10 +570,11 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
                     if do_dx and gather:
                         # grad input of the group's channels on the grid: the transposed convolution
                         # sum over (co, tap) of W[co, c, tap] * dyw[co, X - tap offset]
+                        # (from the input's first column on, channels ldc apart), then out of the grid
                         cin = x.shape[1] // n_groups
                         tiles_b_rows(cin, ncol_dx, mg * (k // cin), wtpk[g], dyws[s * dyl:], g * mg * dld, dyoffs,
-                                     dcol, ldx, tile)
-                        _grid_unpack(dx[n], g * cin, cin, dcol, ldx, grid)
+                                     dcol[first:], ldc, tile)
+                        _grid_copy(dx[n, g * cin:(g + 1) * cin], dcol, geo, grid, False, ldc)
                     elif do_dx:
                         # grad input columns of the band: W[g].T @ dyw[g]
                         dc = dcol[g * k * ld:]
@@ -602,7 +592,7 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
                     n_rows = n_groups * k
                     scatter_rows(dx[n], dcol[:n_rows * ld].reshape((n_rows, ld)), 0, x.shape[1], r0, r1, geo)
             if do_dx and mode != DIRECT_COLUMNS and not gather:
-                _grid_copy(dx[n], dxg, geo, grid, False)
+                _grid_copy(dx[n], dxg, geo, grid, False, plane)
                 dxg[:] = zero
             if dot and stage > 1 and (s == stage - 1 or n == n_hi - 1):  # the staged samples at once
                 for g in range(n_groups):
@@ -610,7 +600,7 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
                                gstride, jb, lpad, boffs)
 
 
-for _kernel in (_band_rows, _grid_copy, _grid_unpack, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
+for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
                 _spread_rows, _spread_pooled,
                 _dot_tiles,
                 _forward_kernel, _backward_kernel):
@@ -672,6 +662,7 @@ class _Plan:
         first = (pd * grid[1] + ph) * grid[2] + pw  # grid column of input (0, 0, 0)
         ncol_dx = ((x5_shape[2] - 1) * grid[1] + x5_shape[3] - 1) * grid[2] + x5_shape[4]
         ldx = _round_up_py(ncol_dx, NR)
+        ldc = _round_up_py(first + ldx, 16)  # grad input rows: each channel's columns from X = first
         lead = _round_up_py(max(0, int(tap_off[-1]) - first), 16)
         gather = backward and wide
         if gather and _DX_GATHER is None:
@@ -686,14 +677,15 @@ class _Plan:
             col_len = 0 if wide else n_groups * k * ld + NR
             if gather:  # channel rows of grad_y far enough apart that each is read among zeros
                 dld = _round_up_py(max(ld + lead, first + ldx), 16)
-                dyl, dxg_len, dcol_len = lead + n_groups * mg * dld, 0, _round_up_py(cin_g, mr) * ldx
+                dyl, dxg_len, dcol_len = lead + n_groups * mg * dld, 0, _round_up_py(cin_g, mr) * ldc
             else:
                 dld, dyl, dxg_len, dcol_len = ld, n_groups * mg * ld, self.grid_len, (n_groups * k + mr) * ld
             if backward:
                 floats = self.grid_len + dxg_len + col_len + dyl + mgp_cols * ld + dcol_len + mr * NR
             else:
                 floats = self.grid_len + col_len + mgp_rows * ld + mr * NR
-            return ld, col_len, floats, (int(gather), lead if gather else 0, dld, ldx, ncol_dx, dxg_len, dcol_len)
+            return ld, col_len, floats, (int(gather), lead if gather else 0, dld, first, ldc, ncol_dx, dxg_len,
+                                         dcol_len)
 
         budget = min(_THREAD_BYTES, _MAX_WORKSPACE_BYTES // n_threads) // dtype.itemsize
         rt = rows
@@ -711,6 +703,8 @@ class _Plan:
             ld, col_len, floats, dxl = layout(rt, gather)
         self.rt, self.n_bands = rt, -(-rows // rt)
         self.dx_gather = gather
+        # (gathered, lead zeros before grad_y, its channel rows' stride, grid column of input
+        # (0, 0, 0), grad input rows' stride, their width, grid and grad-input scratch lengths)
         self.dx_layout = np.array(dxl, np.int64)
         dld = dxl[2]
         # inner-product weight-gradient tiles on the wide grid of whole samples reduce over the

@@ -745,18 +745,10 @@ def _macro_kernel_packing(ap, B, boff, brs, bcs, kc, mc, nc, bp, C, coff, crs, c
     ``bp`` and used by every tile of the column at once, while it is in L1. For A of at most
     MC rows (a linear layer's batch), where packing the whole KC x NC panel of B first wrote
     and re-read a panel larger than L2 (128x256x4096: 4 MiB) for only mc/MR tiles per panel."""
-    mr = _tile_rows(ap)
-    tile = _register_tile(ap)
     for jr in range(0, nc, NR):
         nr = min(NR, nc - jr)
         _pack_b_panel(B, boff + jr * bcs, brs, bcs, kc, nr, bp, 0)
-        for ir in range(0, mc, mr):
-            rows = min(mr, mc - ir)
-            cij = coff + ir * crs + jr * ccs
-            to_c = ccs == 1 and rows == mr and nr == NR
-            _micro_kernel(kc, ap, ir * kc, 1, mr, None, bp, 0, None, tile, C, cij, crs, alpha, beta, to_c)
-            if not to_c:
-                _store_tile(tile, NR, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
+        _macro_kernel(ap, bp, 0, kc, mc, nr, C, coff + jr * ccs, crs, ccs, alpha, beta)
 
 
 # --------------------------------------------------------------------------- #
