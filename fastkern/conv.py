@@ -84,7 +84,7 @@ _FORCE = None
 # (input channel, grid column, output channel, tap), against W.T @ dy plus its fold onto the grid,
 # about this many multiply-adds per (K row, column) added back; None picks by that cost, tests
 # force True (gathered) or False (folded).
-_FOLD_COST = 16
+_FOLD_COST = 24
 _DX_GATHER = None
 
 _workspaces: dict = {}
