@@ -360,16 +360,24 @@ def test_backward_ignores_non_finite_values_left_in_the_workspace():
         np.testing.assert_allclose(dw, naive_conv_grad_w(gy, x, w, 2), rtol=1e-5)
 
 
-def naive_conv_grad_w(gy, x, w, stride):
-    # dW[o, c, i, j] = sum over n, oh, ow of gy[n, o, oh, ow] * x[n, c, oh*s + i, ow*s + j]
-    kh, kw = w.shape[2:]
-    oh, ow = gy.shape[2:]
-    out = np.zeros(w.shape)
-    for i in range(kh):
-        for j in range(kw):
-            win = x[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
-            out[:, :, i, j] = np.einsum("nohw,nchw->oc", gy, win)
-    return out
+def naive_conv_grad_w(gy, x, w, stride, padding=0, dilation=1, groups=1):
+    # dW[o, c, tap] = sum over n and outputs of gy[n, o] * (tap's window of the padded x)[n, c]
+    nd = x.ndim - 2
+    kernel = w.shape[2:]
+    stride = (stride,) * nd if isinstance(stride, int) else stride
+    dilation = (dilation,) * nd if isinstance(dilation, int) else dilation
+    xp = np.pad(x.astype(np.float64), [(0, 0), (0, 0)] + _pads(padding, kernel, dilation, nd))
+    out = gy.shape[2:]
+    co, cg = w.shape[:2]
+    mg = co // groups
+    dw = np.zeros(w.shape)
+    for tap in np.ndindex(*kernel):
+        sl = tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out))
+        win = xp[(slice(None), slice(None)) + sl]
+        for g in range(groups):
+            dw[(slice(g * mg, (g + 1) * mg), slice(None)) + tap] = np.tensordot(
+                gy[:, g * mg:(g + 1) * mg], win[:, g * cg:(g + 1) * cg], axes=([0] + list(range(2, nd + 2)),) * 2)
+    return dw
 
 
 # ---------------------------------------------------------------------------
@@ -730,25 +738,6 @@ def test_wide_grid_rows_share_a_border_column(w_shape, padding, dilation, width,
     np.testing.assert_allclose(np.sum(dw * v), np.sum(gy * naive_conv(x, v, None, **args)), rtol=1e-10)
 
 
-def naive_conv_grad_w_general(gy, x, w, stride, padding, dilation, groups):
-    # stride 1: dW[o, c, tap] = sum over n and outputs of gy[n, o] * (tap's window of the padded x)[n, c]
-    assert stride in (1, (1,) * (x.ndim - 2))
-    nd = x.ndim - 2
-    kernel = w.shape[2:]
-    dilation = (dilation,) * nd if isinstance(dilation, int) else dilation
-    xp = np.pad(x, [(0, 0), (0, 0)] + _pads(padding, kernel, dilation, nd))
-    out = gy.shape[2:]
-    co, cg = w.shape[:2]
-    mg = co // groups
-    dw = np.zeros(w.shape)
-    for tap in np.ndindex(*kernel):
-        win = xp[(slice(None), slice(None)) + tuple(slice(t * d, t * d + o) for t, d, o in zip(tap, dilation, out))]
-        for g in range(groups):
-            dw[(slice(g * mg, (g + 1) * mg), slice(None)) + tap] = np.tensordot(
-                gy[:, g * mg:(g + 1) * mg], win[:, g * cg:(g + 1) * cg], axes=([0] + list(range(2, nd + 2)),) * 2)
-    return dw
-
-
 def naive_conv_grad_x(gy, w, x_shape, stride, padding, dilation, groups):
     # The adjoint of naive_conv's windows: each tap's window of the padded input gets W.T @ gy.
     nd = len(x_shape) - 2
@@ -799,7 +788,7 @@ def test_grad_input_gathered_or_folded_matches_reference(case, gather, dtype, mo
     gy[..., -1] -= 1e3
     x, w, gy = x.astype(dtype), w.astype(dtype), gy.astype(dtype)
     want_x = naive_conv_grad_x(gy, w, x_shape, **args)
-    want_w = naive_conv_grad_w_general(gy.astype(np.float64), x.astype(np.float64), w, **args)
+    want_w = naive_conv_grad_w(gy.astype(np.float64), x, w, **args)
     rtol = 1e-10 if dtype == np.float64 else 1e-4
     for ws_fill in (0.0, np.nan):  # a previous call's values left in the scratch are never read
         conv_mod.clear_workspaces()
@@ -828,5 +817,5 @@ def test_gathered_grad_input_through_relu_and_max_pool_matches_reference(x_shape
     gy = fastkern.max_pool2d_backward(g, idx, y.shape, 2) * (y > 0)
     args = dict(stride=1, padding=padding, dilation=1, groups=1)
     np.testing.assert_allclose(dx, naive_conv_grad_x(gy, w, x_shape, **args), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(dw, naive_conv_grad_w_general(gy, x, w, **args), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, naive_conv_grad_w(gy, x, w, **args), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(db, gy.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-10)
