@@ -44,7 +44,7 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
 from ._checks import FLOAT_DTYPES, check_no_overlap, check_out, check_scalar
-from ._codegen import FMA, vectorized, zeros
+from ._codegen import FMA, thin_launch, vectorized, zeros
 from .threads import get_num_threads
 
 _MATMUL_DTYPES = FLOAT_DTYPES
@@ -1027,6 +1027,7 @@ for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_ser
            _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, _pack_a, _pack_b_panel, _pack_b, _direct_pack,
            tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
+thin_launch(_gemm_flat_parallel)
 
 
 # --------------------------------------------------------------------------- #
