@@ -40,5 +40,13 @@ from .regularization import (  # noqa: F401,E402
 from .optim import adam_update, rmsprop_update, sgd_update  # noqa: F401,E402
 
 from ._warmup import warmup  # noqa: F401,E402
+import sys as _sys  # noqa: E402
+
+from ._codegen import thin_launches  # noqa: E402
+
+# By name: ``fastkern.linear`` is the function, not its module.
+for _name in ("activations", "conv", "gemm", "im2col", "linear", "losses", "norm", "optim", "pool", "regularization"):
+    thin_launches(_sys.modules[f"{__name__}.{_name}"])  # before any kernel compiles
+del _name, _sys
 
 __version__ = "0.1.0"

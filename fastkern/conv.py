@@ -51,7 +51,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
-from ._codegen import thin_launch, vectorized, zeros
+from ._codegen import vectorized, zeros
 from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail,
                    _tile_rows, _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
@@ -605,8 +605,6 @@ for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, 
                 _dot_tiles,
                 _forward_kernel, _backward_kernel):
     vectorized(_kernel)
-thin_launch(_forward_kernel)
-thin_launch(_backward_kernel)
 
 
 # ---------------------------------------------------------------------------

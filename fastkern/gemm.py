@@ -1027,7 +1027,6 @@ for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_ser
            _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, _pack_a, _pack_b_panel, _pack_b, _direct_pack,
            tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
     vectorized(_d)
-thin_launch(_gemm_flat_parallel)
 
 
 # --------------------------------------------------------------------------- #
