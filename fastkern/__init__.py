@@ -44,9 +44,8 @@ import sys as _sys  # noqa: E402
 
 from ._codegen import thin_launches  # noqa: E402
 
-# By name: ``fastkern.linear`` is the function, not its module.
-for _name in ("activations", "conv", "gemm", "im2col", "linear", "losses", "norm", "optim", "pool", "regularization"):
-    thin_launches(_sys.modules[f"{__name__}.{_name}"])  # before any kernel compiles
-del _name, _sys
+for _module in [m for name, m in _sys.modules.items() if name.startswith(__name__ + ".")]:
+    thin_launches(_module)  # every kernel module is imported by now, and nothing has compiled yet
+del _module, _sys
 
 __version__ = "0.1.0"

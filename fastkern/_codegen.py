@@ -90,9 +90,8 @@ def _launchers_unoptimized():
 
     Every library re-optimizes all the code it links, so each wrapper would
     optimize the loop body and all its kernels again, for machine code that
-    never runs (the driver's module holds the copy that does). Their own
-    functions still get the per-function passes; global DCE then drops the
-    constants those leave unused.
+    never runs (the driver's module holds the copy that does, and optimizes
+    it). Their own functions still get the per-function passes.
     """
     from numba.core.codegen import CPUCodeLibrary
     original = CPUCodeLibrary._optimize_final_module
@@ -103,10 +102,7 @@ def _launchers_unoptimized():
         previous = numba.config.OPT
         numba.config.OPT = type(previous)(0)
         try:
-            original(self)
-            pm, pb = self._codegen._module_pass_manager()
-            pm.add_global_dead_code_eliminate_pass()
-            pm.run(self._final_module, pb)
+            return original(self)
         finally:
             numba.config.OPT = previous
 

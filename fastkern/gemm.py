@@ -44,7 +44,7 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
 from ._checks import FLOAT_DTYPES, check_no_overlap, check_out, check_scalar
-from ._codegen import FMA, thin_launch, vectorized, zeros
+from ._codegen import FMA, vectorized, zeros
 from .threads import get_num_threads
 
 _MATMUL_DTYPES = FLOAT_DTYPES
