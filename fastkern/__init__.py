@@ -42,10 +42,11 @@ from .optim import adam_update, rmsprop_update, sgd_update  # noqa: F401,E402
 from ._warmup import warmup  # noqa: F401,E402
 import sys as _sys  # noqa: E402
 
-from ._codegen import thin_launches  # noqa: E402
+from ._codegen import plain_calls_in, thin_launches  # noqa: E402
 
 for _module in [m for name, m in _sys.modules.items() if name.startswith(__name__ + ".")]:
     thin_launches(_module)  # every kernel module is imported by now, and nothing has compiled yet
+    plain_calls_in(_module)
 del _module, _sys
 
 __version__ = "0.1.0"

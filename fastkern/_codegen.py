@@ -23,6 +23,7 @@ import contextlib
 
 import numba
 import numpy as np
+from numba.core import types
 
 FMA = {"contract"}  # FMA contraction only: no reassociation, NaN and inf kept
 
@@ -125,10 +126,40 @@ def thin_launch(dispatcher):
 
 def thin_launches(module):
     """Apply :func:`thin_launch` to every ``parallel=True`` kernel defined in ``module``."""
-    for value in vars(module).values():
-        if isinstance(value, numba.core.registry.CPUDispatcher) and value.targetoptions.get("parallel") \
-                and value.py_func.__module__ == module.__name__:
+    for value in _kernels(module):
+        if value.targetoptions.get("parallel"):
             thin_launch(value)
+
+
+def _kernels(module):
+    return [value for value in vars(module).values()
+            if isinstance(value, numba.core.registry.CPUDispatcher) and value.py_func.__module__ == module.__name__]
+
+
+def plain_calls(dispatcher):
+    """Compile ``dispatcher`` once for its argument types, not once per constant it is called with.
+
+    A call from compiled code passes a constant argument (``0``, ``True``,
+    ``MR``) typed as that literal value, and Numba compiles a specialization
+    for it. Each costs a full compile at first use, and the kernels gain
+    nothing from them: LLVM propagates the constants wherever it inlines the
+    call, and elsewhere they are loop bounds and strides of calls that stay
+    whole. Here the literals are widened to their plain types before the
+    callee is compiled or looked up.
+    """
+    resolve = dispatcher.get_call_template
+
+    def get_call_template(args, kws):
+        return resolve(tuple(types.unliteral(a) for a in args), {k: types.unliteral(v) for k, v in kws.items()})
+
+    dispatcher.get_call_template = get_call_template
+    return dispatcher
+
+
+def plain_calls_in(module):
+    """Apply :func:`plain_calls` to every kernel defined in ``module``."""
+    for value in _kernels(module):
+        plain_calls(value)
 
 
 @numba.njit(cache=True)

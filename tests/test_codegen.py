@@ -6,15 +6,20 @@ import numpy as np
 from numba import prange
 
 import fastkern  # noqa: F401  (importing it wraps the package's kernels)
-from fastkern._codegen import thin_launch, zeros
+from fastkern._codegen import plain_calls, thin_launch, zeros
+from numba.core import types
 
 
-def _parallel_kernels():
+def _kernels():
     for name, module in list(sys.modules.items()):
         if name.startswith("fastkern."):
             for value in vars(module).values():
-                if isinstance(value, numba.core.registry.CPUDispatcher) and value.targetoptions.get("parallel"):
+                if isinstance(value, numba.core.registry.CPUDispatcher) and value.py_func.__module__ == name:
                     yield value
+
+
+def _parallel_kernels():
+    return (k for k in _kernels() if k.targetoptions.get("parallel"))
 
 
 def test_every_parallel_kernel_skips_its_launch_wrappers_optimization():
@@ -41,3 +46,33 @@ def test_thin_launch_kernel_computes_what_numpy_does():
     out = np.zeros(37)
     assert kernel(x, out, 2) == 1
     np.testing.assert_allclose(out, x.sum(axis=1), rtol=1e-12)
+
+
+def test_no_kernel_is_compiled_for_literal_arguments():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    y = fastkern.conv2d(x, w, padding=1, activation="relu", max_pool=2)[0]
+    fastkern.conv2d_backward(rng.standard_normal((2, 4, 9, 9)).astype(np.float32), x, w, padding=1)
+    fastkern.matmul(rng.standard_normal((70, 300)).astype(np.float32), rng.standard_normal((300, 40)).astype(np.float32))
+    assert y.shape == (2, 4, 4, 4)
+    kernels = list(_kernels())
+    assert len(kernels) > 100
+    literal = [(k.py_func.__qualname__, sig) for k in kernels for sig in k.signatures
+               if any(isinstance(t, types.Literal) for t in sig)]
+    assert literal == []
+
+
+def test_plain_calls_compiles_one_version_for_every_constant():
+    @numba.njit
+    def scaled(x, factor):
+        return x * factor
+
+    plain_calls(scaled)
+
+    @numba.njit
+    def caller(x):
+        return scaled(x, 2) + scaled(x, 3) + scaled(x, True)
+
+    assert caller(1.5) == 1.5 * 2 + 1.5 * 3 + 1.5
+    assert [str(sig) for sig in scaled.signatures] == ["(float64, int64)", "(float64, bool)"]
