@@ -145,7 +145,9 @@ def plain_calls(dispatcher):
     nothing from them: LLVM propagates the constants wherever it inlines the
     call, and elsewhere they are loop bounds and strides of calls that stay
     whole. Here the literals are widened to their plain types before the
-    callee is compiled or looked up.
+    callee is compiled or looked up. The first LeNet5 step with an empty cache
+    went from 93 compiles to 74 (46 s to 36 s); GEMM and conv speed stayed
+    within noise in an interleaved A/B.
     """
     resolve = dispatcher.get_call_template
 

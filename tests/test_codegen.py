@@ -1,13 +1,13 @@
-"""How fastkern compiles its parallel kernels (fastkern/_codegen.py)."""
+"""How fastkern compiles its kernels (fastkern/_codegen.py)."""
 import sys
 
 import numba
 import numpy as np
 from numba import prange
+from numba.core import types
 
 import fastkern  # noqa: F401  (importing it wraps the package's kernels)
 from fastkern._codegen import plain_calls, thin_launch, zeros
-from numba.core import types
 
 
 def _kernels():
