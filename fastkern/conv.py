@@ -52,12 +52,14 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized, zeros
-from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _claim, _lanes, _mr, _pack_a, _stack_array, _tail,
+from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _channel_panel, _claim, _lanes, _mr, _pack_a,
+                   _stack_array, _tail,
                    _tile_rows, _transpose_lanes, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .pool import _max_2x2_back_row, _max_2x2_row
 from .threads import get_num_threads
+from . import winograd
 
 # Per-thread scratch (padded sample, column band, output tile rows) aims at
 # _THREAD_BYTES so it stays in the 2 MiB L2 from the copy that fills it to the
@@ -86,6 +88,9 @@ _FORCE = None
 # force True (gathered) or False (folded).
 _FOLD_COST = 24
 _DX_GATHER = None
+# 3x3 stride-1 convs with enough channels (winograd.MIN_CHANNELS) run as Winograd F(2x2, 3x3):
+# None picks that way; tests force False (never) or True (wherever the shape allows).
+_WINOGRAD = None
 
 _workspaces: dict = {}
 _peak_bytes = 0
@@ -363,26 +368,6 @@ def _spread_pooled(row, g, idx, y, relu, ocol, r0, r1, ow):
 
 
 @njit(cache=True, _nrt=False)
-def _channel_panel(dyw, base, ld, n_ch, ncol, pan):
-    """``pan[l*NR + c] = dyw[base + c*ld + l]`` for l < ncol, c < NR (zero past n_ch channels): an
-    NR-channel panel of grad_y, transposed in lanes x lanes register blocks where whole."""
-    vl = _lanes(dyw)
-    zero = dyw.dtype.type(0)
-    whole_l = ncol - ncol % vl
-    for c0 in range(0, NR, vl):
-        if c0 + vl <= n_ch:
-            for l0 in range(0, whole_l, vl):
-                _transpose_lanes(dyw, base + c0 * ld + l0, ld, pan, l0 * NR + c0, NR)
-            lo = whole_l
-        else:
-            lo = 0
-        for l in range(lo, ncol):
-            dst = _tail(pan, l * NR + c0)
-            for c in range(vl):
-                dst[c] = dyw[base + (c0 + c) * ld + l] if c0 + c < n_ch else zero
-
-
-@njit(cache=True, _nrt=False)
 def _pack_weights(w, wpk, transpose, mr):
     # w (G, Mg, K): per group, W[g] (forward, Mg x K) or W[g].T (grad input, K x Mg) in MR-row panels
     mg, k = w.shape[1], w.shape[2]
@@ -600,7 +585,7 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
                                gstride, jb, lpad, boffs)
 
 
-for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _channel_panel, _pack_weights, _sum_span,
+for _kernel in (_band_rows, _grid_copy, _columns, _panel_columns, _fill_source, _pack_weights, _sum_span,
                 _spread_rows, _spread_pooled,
                 _dot_tiles,
                 _forward_kernel, _backward_kernel):
@@ -758,7 +743,7 @@ def _call_key(arrays, params):
         return None
     # the tunables below are in the key too: tests change them to force each path
     sig = [get_num_threads(), _FORCE, _THREAD_BYTES, _MAX_WORKSPACE_BYTES, _IM2COL_COST, _DOT_PARTIAL_BYTES,
-           _STAGE_VECTORS, _FOLD_COST, _DX_GATHER]
+           _STAGE_VECTORS, _FOLD_COST, _DX_GATHER, _WINOGRAD]
     for a in arrays:
         if a is None:
             sig.append(None)
@@ -790,6 +775,14 @@ class _Call:
         self.result_shape = (n, c_out) + tuple(o // 2 for o in out) if pooled else self.y_shape
         self.plan = None
         self.dot = False
+        self.wino = None
+        if (nd == 2 and groups == 1 and kernel == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+                and n and c_out and _WINOGRAD is not False
+                and (_WINOGRAD or min(c_in, c_out) >= winograd.MIN_CHANNELS)):
+            wino = winograd.Plan(n, c_in, c_out, pad_lo, out, dtype, n_threads, backward)
+            if wino.fits:
+                self.wino = wino
+                return
         if backward:
             _, mg, k = self.w3_shape
             lanes = 64 // dtype.itemsize
@@ -832,6 +825,9 @@ def _conv_forward(nd, x, weight, bias, stride, padding, dilation, groups, op, ac
     idx = np.empty(call.result_shape, np.int64) if pooled else _NO_INDICES
     plan = call.plan
     if y.size == 0:
+        return (y, idx) if pooled else y
+    if call.wino is not None:
+        _winograd_forward(call, x, weight, bias, activation == "relu", pooled, y, idx)
         return (y, idx) if pooled else y
     x5 = np.ascontiguousarray(x).reshape(call.x5_shape)
     w3 = np.ascontiguousarray(weight).reshape(call.w3_shape)
@@ -914,6 +910,8 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
                             f"got {getattr(pool_indices, 'dtype', type(pool_indices).__name__)}")
         if pool_indices.shape != call.result_shape:
             raise ValueError(f"{op}: pool_indices has shape {pool_indices.shape}, grad_y has {call.result_shape}")
+    if call.wino is not None:
+        return _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, pool_indices, op)
     dtype, plan = call.dtype, call.plan
     n = x.shape[0]
     n_groups, mg, k = call.w3_shape
@@ -946,12 +944,57 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
                          plan.mode, plan.rt, plan.n_bands, mg, k, plan.gstride, plan.grid_len, plan.col_len,
                          plan.ld, plan.stage, input_grad, plan.dx_layout, n_threads)
         if nbad.any():
-            raise ValueError(f"{op}: {int(nbad.sum())} of pool_indices' {pool_indices.size} entries are outside "
-                             f"their 2x2 window; pass the indices max_pool2d returned for this conv's output")
+            raise _bad_indices(op, nbad, pool_indices)
     grad_w = np.empty(call.w3_shape, dtype)
     grad_b = np.empty(n_groups * mg, dtype)
     _sum_partials(dwt, dwp, db, grad_w, grad_b)
     return (dx if input_grad else None), grad_w.reshape(weight.shape), (grad_b if bias_grad else None)
+
+
+def _bad_indices(op, nbad, pool_indices):
+    return ValueError(f"{op}: {int(nbad.sum())} of pool_indices' {pool_indices.size} entries are outside "
+                      f"their 2x2 window; pass the indices max_pool2d returned for this conv's output")
+
+
+def _winograd_forward(call, x, weight, bias, relu, pooled, y, idx):
+    """conv2d by F(2x2, 3x3) (winograd.py) into ``y`` (and ``idx``, the pool's, with ``pooled``)."""
+    p, dtype, n_threads = call.wino, call.dtype, call.n_threads
+    n, c_out = call.y_shape[:2]
+    b = np.zeros(p.cop, dtype)
+    if bias is not None:
+        b[:c_out] = bias
+    ut = winograd.weight_panels(winograd.weight_transform(weight).transpose(0, 2, 1), p.cop)
+    ws = _workspace("winograd", dtype, n_threads, p.per_thread)
+    iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
+    pidx = idx.reshape((n, c_out, -1)) if pooled else _NO_INDICES
+    winograd.forward_kernel(np.ascontiguousarray(x), ut, b, relu, pooled, y.reshape((n, c_out, -1)), pidx, ws, iws,
+                            p.geo, n_threads)
+
+
+def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, pool_indices, op):
+    """Gradients of :func:`_winograd_forward`, as :func:`_conv_backward` returns them."""
+    p, dtype, n_threads = call.wino, call.dtype, call.n_threads
+    n, c_in = x.shape[:2]
+    c_out = weight.shape[0]
+    pooled = pool_indices is not None
+    u = winograd.weight_panels(winograd.weight_transform(weight), p.cip) if input_grad \
+        else np.zeros((16, 1, 1, NR), dtype)
+    dx = np.empty(x.shape if input_grad else (0,) * 4, dtype)  # every element is written
+    du = np.zeros((n_threads, 16, p.coutr, p.cip), dtype)
+    db = np.zeros((n_threads, p.cop), dtype)
+    nbad = np.zeros(n_threads, np.int64)
+    gy = np.ascontiguousarray(grad_y).reshape((n, c_out, -1))
+    yr = gy if output is None else np.ascontiguousarray(output).reshape(gy.shape)
+    pidx = np.ascontiguousarray(pool_indices).reshape(gy.shape) if pooled else _NO_INDICES
+    ws = _workspace("winograd backward", dtype, n_threads, p.per_thread)
+    iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
+    winograd.backward_kernel(gy, yr, output is not None, pooled, pidx, np.ascontiguousarray(x), u, dx,
+                             input_grad, du, db, nbad, ws, iws, p.voffs, p.geo, n_threads)
+    if nbad.any():
+        raise _bad_indices(op, nbad, pool_indices)
+    # the threads' partials in a fixed order
+    grad_w = winograd.weight_gradient(du.sum(axis=0)[:, :c_out, :c_in], dtype).astype(dtype, copy=False)
+    return (dx if input_grad else None), grad_w, (db.sum(axis=0)[:c_out] if bias_grad else None)
 
 
 # ---------------------------------------------------------------------------
@@ -1092,9 +1135,14 @@ for _f in (conv1d, conv2d, conv3d, conv1d_backward, conv2d_backward, conv3d_back
 
 def _warmup(dtype):
     """Compile the conv kernels for ``dtype`` (the 3-D kernels serve 1-D and 2-D too): both
-    sources, the wide grid (stride 1) and explicit columns (stride 2), forward and backward."""
+    sources, the wide grid (stride 1) and explicit columns (stride 2), forward and backward, and
+    Winograd's (3x3 stride 1, enough channels)."""
     x = np.ones((1, 4, 6, 6), dtype)
     w = np.ones((2, 2, 3, 3), dtype)
     for stride in (1, 2):
         y = conv2d(x, w, np.ones(2, dtype), stride=stride, padding=1, groups=2)
         conv2d_backward(np.ones_like(y), x, w, stride=stride, padding=1, groups=2)
+    c = winograd.MIN_CHANNELS
+    x, w = np.ones((1, c, 4, 4), dtype), np.ones((c, c, 3, 3), dtype)
+    y = conv2d(x, w, padding=1)
+    conv2d_backward(np.ones_like(y), x, w, padding=1)

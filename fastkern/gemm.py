@@ -756,6 +756,26 @@ def _macro_kernel_packing(ap, B, boff, brs, bcs, kc, mc, nc, bp, C, coff, crs, c
 # scratch buffer, padded to whole MR x NR tiles, so every tile is stored
 # straight from registers; rows and columns past m and n are don't-cares.
 
+@njit(cache=True, _nrt=False)
+def _channel_panel(dyw, base, ld, n_ch, ncol, pan):
+    """``pan[l*NR + c] = dyw[base + c*ld + l]`` for l < ncol, c < NR (zero past n_ch channels): an
+    NR-channel panel of grad_y, transposed in lanes x lanes register blocks where whole."""
+    vl = _lanes(dyw)
+    zero = dyw.dtype.type(0)
+    whole_l = ncol - ncol % vl
+    for c0 in range(0, NR, vl):
+        if c0 + vl <= n_ch:
+            for l0 in range(0, whole_l, vl):
+                _transpose_lanes(dyw, base + c0 * ld + l0, ld, pan, l0 * NR + c0, NR)
+            lo = whole_l
+        else:
+            lo = 0
+        for l in range(lo, ncol):
+            dst = _tail(pan, l * NR + c0)
+            for c in range(vl):
+                dst[c] = dyw[base + (c0 + c) * ld + l] if c0 + c < n_ch else zero
+
+
 @njit(fastmath=_FAST, cache=True, _nrt=False)
 def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
     """C = packed A (m x k) @ B, with B row p at ``B[bbase + boffs[p]:]``, any offsets.
@@ -1025,7 +1045,7 @@ def gemm_serial(a, b, c, alpha, beta):
 
 for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel,
            _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, _pack_a, _pack_b_panel, _pack_b, _direct_pack,
-           tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow):
+           tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow, _channel_panel):
     vectorized(_d)
 
 

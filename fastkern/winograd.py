@@ -1,0 +1,493 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3), forward and backward.
+
+A 3x3 kernel on a 2x2 tile of outputs needs the tile's 4x4 input window ``d``:
+
+    Y = A^T [ (G g G^T) . (B^T d B) ] A        (``.`` elementwise, 16 products)
+
+against 36 multiply-adds computed directly. Over all channels the 16
+elementwise products are 16 GEMMs, one per position xi of the 4x4 transform:
+
+* forward:     ``M[xi] = U[xi] @ V[xi]``      (C_out x C_in) @ (C_in x tiles)
+* grad weight: ``dU[xi].T += V[xi] @ dM[xi].T``, with ``dM = A dY A^T`` per tile
+* grad input:  ``dV[xi] = U[xi].T @ dM[xi]``, then ``B dV B^T`` added back
+  onto the input (tiles overlap by two rows and columns)
+
+with ``U = G g G^T`` (once per call, in NumPy) and ``V = B^T d B`` per tile.
+That is 2.25x fewer multiply-adds than the im2col GEMMs of conv.py, for
+transforms that cost O(channels x tiles): a win once both channel counts are
+a few vectors (``MIN_CHANNELS``). F(2x2, 3x3)'s transforms hold only 0, 1
+and 1/2, so float32 loses no more than a few ulps to them.
+
+Each thread works on whole samples, a chunk of them at a time: their tiles
+side by side as the GEMMs' columns, enough for full NR-wide tiles of the
+micro-kernel (``_TARGET_TILES``) while V, M and dM stay in L2. The forward
+hands chunks out from a shared counter; the backward gives each thread a
+fixed share of the samples and its own partial dU, summed in thread order,
+so results are deterministic for a given thread count. The 2x2 output tiles
+are exactly the windows of a 2x2 stride-2 max pool, so the pool (and the
+ReLU) are fused into the forward's output transform and into the backward's
+reading of grad_y, as in conv.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._codegen import FMA, vectorized, zeros
+from .gemm import NR, _claim, _lanes, _micro_kernel, _stack_array, _tile_rows, _transpose_lanes
+
+# Winograd only pays where both GEMM dimensions of channels fill vectors: with
+# C_in = 3 (a first layer) the 16 GEMMs have K = 3 and the transforms dominate.
+MIN_CHANNELS = 16
+# Tiles per chunk that the GEMMs aim for (columns: NR-wide micro-kernel tiles),
+# within _CHUNK_BYTES of V, M or dM and the grids per thread (L2 is 1 MiB/core).
+_TARGET_TILES = 128
+_CHUNK_BYTES = 1 << 20
+
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def weight_transform(w):
+    """``U[xi] = (G g G^T)[xi]`` for each (c_out, c_in) kernel ``g``: (16, C_out, C_in)."""
+    g = _G.astype(w.dtype)
+    u = np.einsum("ai,ocij,bj->aboc", g, w, g, optimize=True)
+    return np.ascontiguousarray(u.reshape(16, w.shape[0], w.shape[1]))
+
+
+def weight_panels(u, cols):
+    """(16, R, C) as NR-column panels of each of its 16 matrices, k-major and zero padded to
+    ``cols`` columns: (16, cols/NR, R, NR), the micro-kernel's packed B."""
+    k, r, c = u.shape
+    padded = np.zeros((k, r, cols), u.dtype)
+    padded[:, :, :c] = u
+    return np.ascontiguousarray(padded.reshape(k, r, cols // NR, NR).transpose(0, 2, 1, 3))
+
+
+def weight_gradient(du, dtype):
+    """``G^T dU[xi] G``: (C_out, C_in, 3, 3) from dU (16, C_out, C_in)."""
+    g = _G.astype(dtype)
+    return np.einsum("ai,aboc,bj->ocij", g, du.reshape(4, 4, *du.shape[1:]), g, optimize=True)
+
+
+# ---------------------------------------------------------------------------
+# Layouts. Channels are innermost everywhere: the zero-bordered grid of a sample
+# (Hg, Wg, C~), V and dV (16, tiles~, C_in~), M and dM (16, tiles~, C_out~), with
+# C~ rounded up to NR and tiles~ to MR. Each tile's transform then runs on whole
+# vectors of channels (staged in stack arrays, so LLVM knows nothing aliases),
+# and the GEMMs read rows of tiles as A in place: the micro-kernel's strided-A
+# case, with the transformed weights packed as B once per call.
+
+_VECTORS16 = _stack_array(lambda dt: 16 * 512 // dt.bitwidth)
+
+
+@njit(inline="always")
+def _u(i):
+    return np.uintp(i)
+
+
+@njit(cache=True, _nrt=False)
+def _input_transform(xg, wg, cp, th, tw, v, vbase, plane):
+    """V[xi, t, :] = (B^T d B)[xi] (at ``vbase + xi*plane + t*cp``) for tile t = i*tw + j, whose
+    window d is rows 2i.. and columns 2j.. of the grid ``xg`` (Hg, wg, cp)."""
+    vl = _lanes(xg)
+    d = _VECTORS16(xg)
+    o = _VECTORS16(xg)
+    for i in range(th):
+        for j in range(tw):
+            s = (2 * i * wg + 2 * j) * cp
+            t = vbase + (i * tw + j) * cp
+            for c0 in range(0, cp, vl):
+                for r in range(4):
+                    for q in range(4):
+                        src = s + (r * wg + q) * cp + c0
+                        for e in range(vl):
+                            d[(4 * r + q) * vl + e] = xg[_u(src + e)]
+                for e in range(vl):
+                    for q in range(4):  # rows: B^T d
+                        d0, d1, d2, d3 = d[q * vl + e], d[(4 + q) * vl + e], d[(8 + q) * vl + e], d[(12 + q) * vl + e]
+                        d[q * vl + e] = d0 - d2
+                        d[(4 + q) * vl + e] = d1 + d2
+                        d[(8 + q) * vl + e] = d2 - d1
+                        d[(12 + q) * vl + e] = d1 - d3
+                    for r in range(4):  # columns: (B^T d) B
+                        a0, a1, a2, a3 = (d[4 * r * vl + e], d[(4 * r + 1) * vl + e], d[(4 * r + 2) * vl + e],
+                                          d[(4 * r + 3) * vl + e])
+                        o[4 * r * vl + e] = a0 - a2
+                        o[(4 * r + 1) * vl + e] = a1 + a2
+                        o[(4 * r + 2) * vl + e] = a2 - a1
+                        o[(4 * r + 3) * vl + e] = a1 - a3
+                for x in range(16):
+                    dst = t + x * plane + c0
+                    for e in range(vl):
+                        v[_u(dst + e)] = o[x * vl + e]
+
+
+@njit(cache=True, _nrt=False)
+def _transpose(src, soff, sld, rows, cols, dst, doff, dld):
+    """``dst[doff + c*dld + r] = src[soff + r*sld + c]`` for r < rows, c < cols: lanes x lanes
+    blocks in registers where whole, element by element at the edges."""
+    vl = _lanes(src)
+    r1, c1 = rows - rows % vl, cols - cols % vl
+    for r0 in range(0, r1, vl):
+        for c0 in range(0, c1, vl):
+            _transpose_lanes(src, soff + r0 * sld + c0, sld, dst, doff + c0 * dld + r0, dld)
+    for r in range(rows):
+        for c in range(c1 if r < r1 else 0, cols):
+            dst[doff + c * dld + r] = src[soff + r * sld + c]
+
+
+@njit(cache=True, _nrt=False)
+def _output_transform(m, mbase, plane, cp, th, tw, oh, ow, bias, relu, pooled, yt, it):
+    """Output tiles of one sample from M (tile t's at ``mbase + xi*plane + t*cp``), channels last:
+    yt (oh*ow, cp) with bias and ReLU, or with ``pooled`` the 2x2 max pool of that, yt and its
+    indices it ((oh//2)*(ow//2), cp), with torch's winner (the first of ties, a NaN wins) and
+    index h*ow + w. ``bias`` has cp entries."""
+    vl = _lanes(m)
+    a = _VECTORS16(m)
+    zero = m.dtype.type(0)
+    ph_, pw_ = oh // 2, ow // 2
+    for i in range(th):
+        for j in range(tw):
+            t = mbase + (i * tw + j) * cp
+            o = 2 * i * ow + 2 * j
+            right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
+            if pooled and not (i < ph_ and j < pw_):
+                continue
+            for c0 in range(0, cp, vl):
+                for x in range(16):
+                    src = t + x * plane + c0
+                    for e in range(vl):
+                        a[x * vl + e] = m[_u(src + e)]
+                for e in range(vl):  # A^T M A, plus bias, through the ReLU (NaN kept)
+                    for q in range(4):
+                        m0, m1, m2, m3 = a[q * vl + e], a[(4 + q) * vl + e], a[(8 + q) * vl + e], a[(12 + q) * vl + e]
+                        a[q * vl + e] = m0 + m1 + m2
+                        a[(4 + q) * vl + e] = m1 - m2 - m3
+                    b = bias[c0 + e]
+                    for r in range(2):
+                        r0, r1, r2, r3 = (a[4 * r * vl + e], a[(4 * r + 1) * vl + e], a[(4 * r + 2) * vl + e],
+                                          a[(4 * r + 3) * vl + e])
+                        y0, y1 = r0 + r1 + r2 + b, r1 - r2 - r3 + b
+                        if relu:
+                            y0 = zero if y0 < zero else y0
+                            y1 = zero if y1 < zero else y1
+                        a[(8 + 2 * r) * vl + e] = y0
+                        a[(9 + 2 * r) * vl + e] = y1
+                if pooled:
+                    dst = (i * pw_ + j) * cp + c0
+                    for e in range(vl):
+                        best, off = a[8 * vl + e], o
+                        q01, q10, q11 = a[9 * vl + e], a[10 * vl + e], a[11 * vl + e]
+                        if q01 > best or q01 != q01:
+                            best, off = q01, o + 1
+                        if q10 > best or q10 != q10:
+                            best, off = q10, o + ow
+                        if q11 > best or q11 != q11:
+                            best, off = q11, o + ow + 1
+                        yt[_u(dst + e)] = best
+                        it[_u(dst + e)] = off
+                    continue
+                for k in range(4):
+                    if (k % 2 == 0 or right) and (k < 2 or down):
+                        dst = (o + (k // 2) * ow + k % 2) * cp + c0
+                        for e in range(vl):
+                            yt[_u(dst + e)] = a[(8 + k) * vl + e]
+
+
+@njit(cache=True, _nrt=False)
+def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, th, tw, oh, ow, db):
+    """dM[xi, t, :] = (A dY A^T)[xi] (at ``mbase + xi*plane + t*cp``) for each output tile's grad
+    dY of one sample, channels last: from grad_y gt (oh*ow, cp), masked where the forward's
+    output ``yrt`` is not positive with ``relu``; with ``pooled``, gt and yrt are the pool's
+    ((oh//2)*(ow//2), cp) and each window's gradient goes to its maximum, ``pit``. Adds each
+    channel's sum to ``db``; returns how many pool indices were outside their window."""
+    vl = _lanes(dm)
+    a = _VECTORS16(dm)  # the tile's dY (4 vectors of channels)
+    out = _VECTORS16(dm)
+    zero = dm.dtype.type(0)
+    ph_, pw_ = oh // 2, ow // 2
+    bad = 0
+    for i in range(th):
+        for j in range(tw):
+            t = mbase + (i * tw + j) * cp
+            o = 2 * i * ow + 2 * j
+            right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
+            window = i < ph_ and j < pw_
+            for c0 in range(0, cp, vl):
+                if pooled:
+                    src = (i * pw_ + j) * cp + c0
+                    for e in range(vl):
+                        g = zero
+                        if window:
+                            g = gt[_u(src + e)]
+                            if relu and not yrt[_u(src + e)] > zero:
+                                g = zero
+                        off = pit[_u(src + e)] - o if window else 0
+                        a[e] = g if off == 0 else zero
+                        a[vl + e] = g if off == 1 else zero
+                        a[2 * vl + e] = g if off == ow else zero
+                        a[3 * vl + e] = g if off == ow + 1 else zero
+                        inside = off == 0 or off == 1 or off == ow or off == ow + 1
+                        bad += 0 if inside or c0 + e >= cout else 1  # lanes past C_out hold no index
+                else:
+                    for k in range(4):
+                        if (k % 2 == 0 or right) and (k < 2 or down):
+                            src = (o + (k // 2) * ow + k % 2) * cp + c0
+                            for e in range(vl):
+                                g = gt[_u(src + e)]
+                                a[k * vl + e] = g if not relu or yrt[_u(src + e)] > zero else zero
+                        else:
+                            for e in range(vl):
+                                a[k * vl + e] = zero
+                for e in range(vl):
+                    g00, g01, g10, g11 = a[e], a[vl + e], a[2 * vl + e], a[3 * vl + e]
+                    db[c0 + e] += (g00 + g01) + (g10 + g11)
+                    # A dY A^T: rows (g0., g0. + g1., g0. - g1., -g1.), then the same on columns
+                    rows = ((g00, g01), (g00 + g10, g01 + g11), (g00 - g10, g01 - g11), (-g10, -g11))
+                    for r in range(4):
+                        r0, r1 = rows[r]
+                        out[4 * r * vl + e] = r0
+                        out[(4 * r + 1) * vl + e] = r0 + r1
+                        out[(4 * r + 2) * vl + e] = r0 - r1
+                        out[(4 * r + 3) * vl + e] = -r1
+                for x in range(16):
+                    dst = t + x * plane + c0
+                    for e in range(vl):
+                        dm[_u(dst + e)] = out[x * vl + e]
+    return bad
+
+
+@njit(cache=True, _nrt=False)
+def _input_grad_tiles(dv, vbase, plane, cp, th, tw, dxg, wg):
+    """Adds ``B dV B^T`` of each tile (dV[xi, t, :] at ``vbase + xi*plane + t*cp``) onto its 4x4
+    window of the grad-input grid ``dxg`` (Hg, wg, cp); windows overlap, so tiles go in turn."""
+    vl = _lanes(dv)
+    a = _VECTORS16(dv)
+    for i in range(th):
+        for j in range(tw):
+            t = vbase + (i * tw + j) * cp
+            s = (2 * i * wg + 2 * j) * cp
+            for c0 in range(0, cp, vl):
+                for x in range(16):
+                    src = t + x * plane + c0
+                    for e in range(vl):
+                        a[x * vl + e] = dv[_u(src + e)]
+                for e in range(vl):
+                    for q in range(4):  # rows: B dV = (v0, v1 - v2 + v3, v1 + v2 - v0, -v3)
+                        v0, v1, v2, v3 = a[q * vl + e], a[(4 + q) * vl + e], a[(8 + q) * vl + e], a[(12 + q) * vl + e]
+                        a[q * vl + e] = v0
+                        a[(4 + q) * vl + e] = v1 - v2 + v3
+                        a[(8 + q) * vl + e] = v1 + v2 - v0
+                        a[(12 + q) * vl + e] = -v3
+                    for r in range(4):  # columns: the same, (B dV) B^T
+                        x0, x1, x2, x3 = (a[4 * r * vl + e], a[(4 * r + 1) * vl + e], a[(4 * r + 2) * vl + e],
+                                          a[(4 * r + 3) * vl + e])
+                        a[4 * r * vl + e] = x0
+                        a[(4 * r + 1) * vl + e] = x1 - x2 + x3
+                        a[(4 * r + 2) * vl + e] = x1 + x2 - x0
+                        a[(4 * r + 3) * vl + e] = -x3
+                for r in range(4):
+                    for q in range(4):
+                        dst = s + (r * wg + q) * cp + c0
+                        for e in range(vl):
+                            dxg[_u(dst + e)] += a[(4 * r + q) * vl + e]
+
+
+@njit(cache=True, _nrt=False)
+def _to_grid(x, xg, wg, cp, ph, pw):
+    """Interior of the zero-bordered, channels-last grid: x (C, H, W) at (ph, pw) of xg (Hg, wg, cp)."""
+    c, h, w = x.shape
+    for r in range(h):
+        _transpose(x.reshape(-1), r * w, h * w, c, w, xg, ((r + ph) * wg + pw) * cp, cp)
+
+
+@njit(cache=True, _nrt=False)
+def _from_grid(dxg, dx, wg, cp, ph, pw):
+    """dx (C, H, W) = the grid's interior at (ph, pw); the grid is zeroed for the next sample."""
+    c, h, w = dx.shape
+    for r in range(h):
+        _transpose(dxg, ((r + ph) * wg + pw) * cp, cp, w, c, dx.reshape(-1), r * w, h * w)
+    dxg[:] = dxg.dtype.type(0)
+
+
+@njit(fastmath=FMA, cache=True, _nrt=False)
+def _tiles(m, n, k, a, aoff, ars, acs, b, boff, bstride, boffs, c, coff, crs, beta, tile):
+    """C (m~ x n~, rows crs apart) = A @ B + beta*C by whole MR x NR tiles: A strided; B as NR-column
+    panels (``bstride`` apart, k-major) when ``boffs`` is None, else rows at ``b[boff + boffs[p]]``."""
+    mr = _tile_rows(a)
+    one = c.dtype.type(1)
+    for jr in range(0, n, NR):
+        for ir in range(0, m, mr):
+            if boffs is None:
+                _micro_kernel(k, a, aoff + ir * ars, ars, acs, None, b, boff + (jr // NR) * bstride, None, tile,
+                              c, coff + ir * crs + jr, crs, one, beta, True)
+            else:
+                _micro_kernel(k, a, aoff + ir * ars, ars, acs, None, b, boff + jr, boffs, tile,
+                              c, coff + ir * crs + jr, crs, one, beta, True)
+
+
+# ---------------------------------------------------------------------------
+# Drivers: per-thread scratch is grid | V | M | output (forward), or grid | V | dM |
+# dV | grad-input grid | grad_y | output (backward), then the micro-kernel's tile.
+
+
+@njit(inline="always")
+def _geometry(geo):
+    """(pad h, pad w, OH, OW, tile rows, tile columns, grid Hg, Wg, samples per chunk,
+    tiles~ per chunk, C_in~, C_out~): Plan.geo."""
+    return (geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8], geo[9], geo[10], geo[11])
+
+
+@njit(inline="always")
+def _cut(buf, o, n):
+    """The slice of ``buf`` at o of length n, and the offset after it."""
+    return buf[o:o + n], o + n
+
+
+@njit(cache=True, _nrt=False)
+def _transform_inputs(x, n0, n1, xg, v, geo):
+    """V of samples [n0, n1) side by side: each copied into the grid, then transformed."""
+    ph, pw, _, _, th, tw, _, wg, _, tp, cip, _ = _geometry(geo)
+    for n in range(n0, n1):
+        _to_grid(x[n], xg, wg, cip, ph, pw)
+        _input_transform(xg, wg, cip, th, tw, v, (n - n0) * th * tw * cip, tp * cip)
+
+
+@njit(parallel=True, cache=True)
+def forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
+    # x (N, C_in, H, W); ut (16, C_out~/NR, C_in, NR): U[xi].T in NR-column panels; bias (C_out~);
+    # y (N, C_out, OH*OW), or with pooled (N, C_out, PH*PW) and pidx too; iws (T, >= PH*PW*C_out~)
+    # int64 scratch; geo: see Plan
+    n_samples, cin = x.shape[0], x.shape[1]
+    cout, npos = y.shape[1], y.shape[2]
+    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop = _geometry(geo)
+    glen, vlen, mlen = hg * wg * cip, 16 * tp * cip, 16 * tp * cop
+    tps = th * tw
+    n_units = -(-n_samples // per)
+    claims = zeros(1, np.int64)
+    zero = x.dtype.type(0)
+    for t in prange(n_threads):
+        xg, o = _cut(ws[t], 0, glen)
+        v, o = _cut(ws[t], o, vlen)
+        m, o = _cut(ws[t], o, mlen)
+        yt, o = _cut(ws[t], o, npos * cop)  # one sample's output, channels last
+        tile = ws[t, o:]
+        it = iws[t]
+        xg[:] = zero
+        while True:
+            u = _claim(claims, 0)
+            if u >= n_units:
+                break
+            n0, n1 = u * per, min(n_samples, (u + 1) * per)
+            _transform_inputs(x, n0, n1, xg, v, geo)
+            rows = (n1 - n0) * tps
+            for xi in range(16):  # M[xi] (tiles x C_out) = V[xi] (tiles x C_in) @ U[xi].T
+                _tiles(rows, cout, cin, v, xi * tp * cip, cip, 1, ut[xi].reshape(-1), 0, cin * NR, None,
+                       m, xi * tp * cop, cop, zero, tile)
+            for n in range(n0, n1):
+                _output_transform(m, (n - n0) * tps * cop, tp * cop, cop, th, tw, oh, ow, bias, relu, pooled, yt, it)
+                _transpose(yt, 0, cop, npos, cout, y[n].reshape(-1), 0, npos)
+                if pooled:
+                    _transpose(it, 0, cop, npos, cout, pidx[n].reshape(-1), 0, npos)
+
+
+@njit(parallel=True, cache=True)
+def backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, ws, iws, voffs, geo, n_threads):
+    # gy, yr (N, C_out, OH*OW or PH*PW); x, dx (N, C_in, H, W); u (16, C_in~/NR, C_out, NR): U[xi]
+    # in NR-column panels; per-thread partials du (T, 16, C_out~, C_in~) and db (T, C_out~);
+    # voffs: the rows of V (tile p at p*C_in~); geo as forward's
+    n_samples, cin = x.shape[0], x.shape[1]
+    cout, npos = gy.shape[1], gy.shape[2]
+    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop = _geometry(geo)
+    glen, vlen, mlen = hg * wg * cip, 16 * tp * cip, 16 * tp * cop
+    tps = th * tw
+    coutr = du.shape[2]
+    zero = x.dtype.type(0)
+    one = x.dtype.type(1)
+    for t in prange(n_threads):
+        xg, o = _cut(ws[t], 0, glen)
+        v, o = _cut(ws[t], o, vlen)
+        dm, o = _cut(ws[t], o, mlen)
+        dv, o = _cut(ws[t], o, vlen)
+        dxg, o = _cut(ws[t], o, glen)
+        gt, o = _cut(ws[t], o, npos * cop)  # one sample's grad_y and the forward's output, channels last
+        yrt, o = _cut(ws[t], o, npos * cop)
+        tile = ws[t, o:]
+        it = iws[t]
+        xg[:] = zero
+        dxg[:] = zero
+        gt[:] = zero  # channels past C_out stay zero
+        lo, hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
+        for n0 in range(lo, hi, per):
+            n1 = min(hi, n0 + per)
+            _transform_inputs(x, n0, n1, xg, v, geo)
+            for n in range(n0, n1):
+                _transpose(gy[n].reshape(-1), 0, npos, cout, npos, gt, 0, cop)
+                if relu:
+                    _transpose(yr[n].reshape(-1), 0, npos, cout, npos, yrt, 0, cop)
+                if pooled:
+                    _transpose(pidx[n].reshape(-1), 0, npos, cout, npos, it, 0, cop)
+                nbad[t] += _grad_tiles(gt, yrt, relu, pooled, it, dm, (n - n0) * tps * cop, tp * cop, cop, cout, th,
+                                       tw, oh, ow, db[t])
+            rows = (n1 - n0) * tps
+            for xi in range(16):
+                # grad weight: dU[xi] (C_out x C_in) += dM[xi].T @ V[xi], reduced over the tiles
+                _tiles(coutr, cin, rows, dm, xi * tp * cop, 1, cop, v, xi * tp * cip, 0, voffs,
+                       du[t, xi].reshape(-1), 0, cip, one, tile)
+                if do_dx:  # grad input: dV[xi] (tiles x C_in) = dM[xi] @ U[xi]
+                    _tiles(rows, cin, cout, dm, xi * tp * cop, cop, 1, u[xi].reshape(-1), 0, cout * NR, None,
+                           dv, xi * tp * cip, cip, zero, tile)
+            if do_dx:
+                for n in range(n0, n1):
+                    _input_grad_tiles(dv, (n - n0) * tps * cip, tp * cip, cip, th, tw, dxg, wg)
+                    _from_grid(dxg, dx[n], wg, cip, ph, pw)
+
+
+for _kernel in (_transpose, _input_transform, _output_transform, _grad_tiles, _input_grad_tiles, _to_grid,
+                _from_grid, _tiles, _transform_inputs,
+                forward_kernel, backward_kernel):
+    vectorized(_kernel)
+
+
+# ---------------------------------------------------------------------------
+# Planning (Python side: shapes were validated before this)
+
+
+def _round_up(a, b):
+    return -(-a // b) * b
+
+
+class Plan:
+    """Tile grid, samples per chunk and scratch layout of one F(2x2, 3x3) conv call.
+
+    ``fits`` is False when one sample's tiles would not fit the chunk budget (large
+    images): conv.py then keeps the im2col path, which bands rows of a sample.
+    """
+
+    def __init__(self, n, c_in, c_out, pad, out, dtype, n_threads, backward):
+        oh, ow = out
+        th, tw = -(-oh // 2), -(-ow // 2)
+        hg, wg = 2 * th + 2, 2 * tw + 2  # every tile's 4x4 window, zeros past the input
+        mr = 8 if dtype == np.float32 else 4
+        self.cip, self.cop = cip, cop = _round_up(c_in, NR), _round_up(c_out, NR)
+        self.coutr = _round_up(c_out, mr)
+        tps = th * tw
+        glen = hg * wg * cip
+
+        npos = oh * ow  # the output (or with a pool, fewer) positions, channels last
+        self.index_len = npos * cop
+
+        def floats(per):
+            tp = _round_up(per * tps, mr)
+            if backward:
+                return tp, 2 * glen + 16 * tp * (2 * cip + cop) + 2 * npos * cop + mr * NR
+            return tp, glen + 16 * tp * (cip + cop) + npos * cop + mr * NR
+
+        budget = _CHUNK_BYTES // dtype.itemsize
+        per = max(1, min(-(-_TARGET_TILES // tps), -(-n // n_threads)))
+        while per > 1 and floats(per)[1] > budget:
+            per -= 1
+        tp, self.per_thread = floats(per)
+        self.fits = self.per_thread <= budget
+        self.geo = np.array([pad[0], pad[1], oh, ow, th, tw, hg, wg, per, tp, cip, cop], np.int64)
+        self.voffs = (np.arange(tp) * cip).astype(np.int64)
