@@ -963,7 +963,8 @@ def _winograd_forward(call, x, weight, bias, relu, pooled, y, idx):
     b = np.zeros(p.cop, dtype)
     if bias is not None:
         b[:c_out] = bias
-    ut = winograd.weight_panels(winograd.weight_transform(weight).transpose(0, 2, 1), p.cop)
+    ut = np.empty((16, p.cop // NR, weight.shape[1], NR), dtype)
+    winograd.weight_panels(np.ascontiguousarray(weight), ut, True)
     ws = _workspace("winograd", dtype, n_threads, p.per_thread)
     iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
     pidx = idx.reshape((n, c_out, -1)) if pooled else _NO_INDICES
@@ -977,8 +978,9 @@ def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, p
     n, c_in = x.shape[:2]
     c_out = weight.shape[0]
     pooled = pool_indices is not None
-    u = winograd.weight_panels(winograd.weight_transform(weight), p.cip) if input_grad \
-        else np.zeros((16, 1, 1, NR), dtype)
+    u = np.empty((16, p.cip // NR, c_out, NR) if input_grad else (16, 1, 1, NR), dtype)
+    if input_grad:
+        winograd.weight_panels(np.ascontiguousarray(weight), u, False)
     dx = np.empty(x.shape if input_grad else (0,) * 4, dtype)  # every element is written
     du = np.zeros((n_threads, 16, p.coutr, p.cip), dtype)
     db = np.zeros((n_threads, p.cop), dtype)
@@ -992,8 +994,8 @@ def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, p
                              input_grad, du, db, nbad, ws, iws, p.voffs, p.geo, n_threads)
     if nbad.any():
         raise _bad_indices(op, nbad, pool_indices)
-    # the threads' partials in a fixed order
-    grad_w = winograd.weight_gradient(du.sum(axis=0)[:, :c_out, :c_in], dtype).astype(dtype, copy=False)
+    grad_w = np.empty(weight.shape, dtype)
+    winograd.weight_gradient(du, grad_w)
     return (dx if input_grad else None), grad_w, (db.sum(axis=0)[:c_out] if bias_grad else None)
 
 

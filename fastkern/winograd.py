@@ -12,7 +12,7 @@ elementwise products are 16 GEMMs, one per position xi of the 4x4 transform:
 * grad input:  ``dV[xi] = U[xi].T @ dM[xi]``, then ``B dV B^T`` added back
   onto the input (tiles overlap by two rows and columns)
 
-with ``U = G g G^T`` (once per call, in NumPy) and ``V = B^T d B`` per tile.
+with ``U = G g G^T`` (once per call) and ``V = B^T d B`` per tile.
 That is 2.25x fewer multiply-adds than the im2col GEMMs of conv.py, for
 transforms that cost O(channels x tiles): a win once both channel counts are
 a few vectors (``MIN_CHANNELS``). F(2x2, 3x3)'s transforms hold only 0, 1
@@ -44,29 +44,86 @@ MIN_CHANNELS = 16
 _TARGET_TILES = 128
 _CHUNK_BYTES = 1 << 20
 
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+@njit(inline="always")
+def _g_of(a, b, c, half):
+    """G (a, b, c) for G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
+    return a, (a + b + c) * half, (a - b + c) * half, c
 
 
-def weight_transform(w):
-    """``U[xi] = (G g G^T)[xi]`` for each (c_out, c_in) kernel ``g``: (16, C_out, C_in)."""
-    g = _G.astype(w.dtype)
-    u = np.einsum("ai,ocij,bj->aboc", g, w, g, optimize=True)
-    return np.ascontiguousarray(u.reshape(16, w.shape[0], w.shape[1]))
+@njit(inline="always")
+def _gt_of(a, b, c, d, half):
+    """G^T (a, b, c, d)."""
+    return a + (b + c) * half, (b - c) * half, (b + c) * half + d
 
 
-def weight_panels(u, cols):
-    """(16, R, C) as NR-column panels of each of its 16 matrices, k-major and zero padded to
-    ``cols`` columns: (16, cols/NR, R, NR), the micro-kernel's packed B."""
-    k, r, c = u.shape
-    padded = np.zeros((k, r, cols), u.dtype)
-    padded[:, :, :c] = u
-    return np.ascontiguousarray(padded.reshape(k, r, cols // NR, NR).transpose(0, 2, 1, 3))
+# The 16 planes of U and dU are a multiple of 4 KiB apart: touching all 16 for one kernel puts
+# them in one L1 set, where they evict each other (70 ns a kernel). Both loops below take a vector
+# of kernels at a time instead, one whole cache line per plane.
 
 
-def weight_gradient(du, dtype):
-    """``G^T dU[xi] G``: (C_out, C_in, 3, 3) from dU (16, C_out, C_in)."""
-    g = _G.astype(dtype)
-    return np.einsum("ai,aboc,bj->ocij", g, du.reshape(4, 4, *du.shape[1:]), g, optimize=True)
+@njit(cache=True, _nrt=False)
+def weight_panels(w, panels, by_out):
+    """``U[xi] = (G g G^T)[xi]`` of each kernel g = w[co, ci] (3x3) into the micro-kernel's packed B,
+    NR-column panels zero padded: with ``by_out`` U[xi].T (C_in x C_out) for the forward, panels
+    (16, C_out~/NR, C_in, NR), else U[xi] (C_out x C_in) for grad input, (16, C_in~/NR, C_out, NR)."""
+    vl = _lanes(w)
+    half = w.dtype.type(0.5)  # a float64 literal would widen float32 arithmetic
+    cout, cin = w.shape[0], w.shape[1]
+    flat, out = w.reshape(-1), panels.reshape(-1)
+    u = _VECTORS16(w)
+    plane = panels.size // 16
+    n_rows, n_lanes = (cin, cout) if by_out else (cout, cin)  # lanes: the panels' columns
+    for row in range(n_rows):
+        for l0 in range(0, -(-n_lanes // NR) * NR, vl):
+            for e in range(vl):
+                co, ci = (l0 + e, row) if by_out else (row, l0 + e)
+                if l0 + e >= n_lanes:
+                    for x in range(16):
+                        u[x * vl + e] = 0
+                    continue
+                s = (co * cin + ci) * 9
+                r0 = _g_of(flat[_u(s)], flat[_u(s + 3)], flat[_u(s + 6)], half)  # G g, by columns of g
+                r1 = _g_of(flat[_u(s + 1)], flat[_u(s + 4)], flat[_u(s + 7)], half)
+                r2 = _g_of(flat[_u(s + 2)], flat[_u(s + 5)], flat[_u(s + 8)], half)
+                for r in range(4):
+                    g = _g_of(r0[r], r1[r], r2[r], half)  # (G g) G^T, row r
+                    for q in range(4):
+                        u[(4 * r + q) * vl + e] = g[q]
+            o = ((l0 // NR) * n_rows + row) * NR + l0 % NR
+            for x in range(16):
+                for e in range(vl):
+                    out[_u(x * plane + o + e)] = u[x * vl + e]
+
+
+@njit(cache=True, _nrt=False)
+def weight_gradient(du, grad_w):
+    """``grad_w[co, ci] = G^T dU G`` (3x3) with dU[xi] (16) the sum of the threads' partials
+    du (T, 16, C_out~, C_in~), added in thread order."""
+    vl = _lanes(du)
+    cout, cin = grad_w.shape[0], grad_w.shape[1]
+    half = grad_w.dtype.type(0.5)
+    d = _VECTORS16(grad_w)  # dU of a vector of kernels
+    flat, out = du.reshape(-1), grad_w.reshape(-1)
+    plane = du.shape[2] * du.shape[3]
+    for co in range(cout):
+        for c0 in range(0, cin, vl):  # rows of du hold C_in~ >= c0 + vl entries
+            s = co * du.shape[3] + c0
+            for x in range(16):
+                for e in range(vl):
+                    d[x * vl + e] = flat[_u(x * plane + s + e)]
+                for t in range(1, du.shape[0]):
+                    for e in range(vl):
+                        d[x * vl + e] += flat[_u((t * 16 + x) * plane + s + e)]
+            for e in range(min(vl, cin - c0)):
+                c_0 = _gt_of(d[e], d[4 * vl + e], d[8 * vl + e], d[12 * vl + e], half)  # G^T dU, by columns
+                c_1 = _gt_of(d[vl + e], d[5 * vl + e], d[9 * vl + e], d[13 * vl + e], half)
+                c_2 = _gt_of(d[2 * vl + e], d[6 * vl + e], d[10 * vl + e], d[14 * vl + e], half)
+                c_3 = _gt_of(d[3 * vl + e], d[7 * vl + e], d[11 * vl + e], d[15 * vl + e], half)
+                o = (co * cin + c0 + e) * 9
+                for r in range(3):
+                    row = _gt_of(c_0[r], c_1[r], c_2[r], c_3[r], half)  # (G^T dU) G, row r
+                    for q in range(3):
+                        out[_u(o + 3 * r + q)] = row[q]
 
 
 # ---------------------------------------------------------------------------
@@ -194,6 +251,15 @@ def _output_transform(m, mbase, plane, cp, th, tw, oh, ow, bias, relu, pooled, y
                             yt[_u(dst + e)] = a[(8 + k) * vl + e]
 
 
+@njit(inline="always")
+def _row_of_adjoint(out, x0, vl, e, r0, r1):
+    """Row x0/4 of A dY A^T from that row of A dY, (r0, r1): lane e of vectors x0..x0+3."""
+    out[x0 * vl + e] = r0
+    out[(x0 + 1) * vl + e] = r0 + r1
+    out[(x0 + 2) * vl + e] = r0 - r1
+    out[(x0 + 3) * vl + e] = -r1
+
+
 @njit(cache=True, _nrt=False)
 def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, th, tw, oh, ow, db):
     """dM[xi, t, :] = (A dY A^T)[xi] (at ``mbase + xi*plane + t*cp``) for each output tile's grad
@@ -214,42 +280,44 @@ def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, th, tw, 
             right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
             window = i < ph_ and j < pw_
             for c0 in range(0, cp, vl):
-                if pooled:
+                # branch-free lane loops (the branches are loop-invariant): each vectorizes
+                if pooled and window:
                     src = (i * pw_ + j) * cp + c0
                     for e in range(vl):
-                        g = zero
-                        if window:
-                            g = gt[_u(src + e)]
-                            if relu and not yrt[_u(src + e)] > zero:
-                                g = zero
-                        off = pit[_u(src + e)] - o if window else 0
+                        g = gt[_u(src + e)]
+                        if relu:
+                            g = g if yrt[_u(src + e)] > zero else zero
+                        off = pit[_u(src + e)] - o
                         a[e] = g if off == 0 else zero
                         a[vl + e] = g if off == 1 else zero
                         a[2 * vl + e] = g if off == ow else zero
                         a[3 * vl + e] = g if off == ow + 1 else zero
-                        inside = off == 0 or off == 1 or off == ow or off == ow + 1
-                        bad += 0 if inside or c0 + e >= cout else 1  # lanes past C_out hold no index
-                else:
-                    for k in range(4):
-                        if (k % 2 == 0 or right) and (k < 2 or down):
-                            src = (o + (k // 2) * ow + k % 2) * cp + c0
-                            for e in range(vl):
-                                g = gt[_u(src + e)]
-                                a[k * vl + e] = g if not relu or yrt[_u(src + e)] > zero else zero
-                        else:
+                        inside = (off == 0) | (off == 1) | (off == ow) | (off == ow + 1)
+                        bad += 0 if inside | (c0 + e >= cout) else 1  # lanes past C_out hold no index
+                for k in range(4):
+                    whole = (k % 2 == 0 or right) and (k < 2 or down)
+                    if pooled or not whole:
+                        if not (pooled and window):
                             for e in range(vl):
                                 a[k * vl + e] = zero
+                        continue
+                    src = (o + (k // 2) * ow + k % 2) * cp + c0
+                    if relu:
+                        for e in range(vl):
+                            g = gt[_u(src + e)]
+                            a[k * vl + e] = g if yrt[_u(src + e)] > zero else zero
+                    else:
+                        for e in range(vl):
+                            a[k * vl + e] = gt[_u(src + e)]
+                for e in range(vl):  # on its own: inside the loop below, db's updates stayed scalar
+                    db[c0 + e] += (a[e] + a[vl + e]) + (a[2 * vl + e] + a[3 * vl + e])
                 for e in range(vl):
                     g00, g01, g10, g11 = a[e], a[vl + e], a[2 * vl + e], a[3 * vl + e]
-                    db[c0 + e] += (g00 + g01) + (g10 + g11)
                     # A dY A^T: rows (g0., g0. + g1., g0. - g1., -g1.), then the same on columns
-                    rows = ((g00, g01), (g00 + g10, g01 + g11), (g00 - g10, g01 - g11), (-g10, -g11))
-                    for r in range(4):
-                        r0, r1 = rows[r]
-                        out[4 * r * vl + e] = r0
-                        out[(4 * r + 1) * vl + e] = r0 + r1
-                        out[(4 * r + 2) * vl + e] = r0 - r1
-                        out[(4 * r + 3) * vl + e] = -r1
+                    _row_of_adjoint(out, 0, vl, e, g00, g01)
+                    _row_of_adjoint(out, 4, vl, e, g00 + g10, g01 + g11)
+                    _row_of_adjoint(out, 8, vl, e, g00 - g10, g01 - g11)
+                    _row_of_adjoint(out, 12, vl, e, -g10, -g11)
                 for x in range(16):
                     dst = t + x * plane + c0
                     for e in range(vl):
@@ -443,7 +511,8 @@ def backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, w
                     _from_grid(dxg, dx[n], wg, cip, ph, pw)
 
 
-for _kernel in (_transpose, _input_transform, _output_transform, _grad_tiles, _input_grad_tiles, _to_grid,
+for _kernel in (weight_panels, weight_gradient, _transpose, _input_transform, _output_transform, _grad_tiles,
+                _input_grad_tiles, _to_grid,
                 _from_grid, _tiles, _transform_inputs,
                 forward_kernel, backward_kernel):
     vectorized(_kernel)
