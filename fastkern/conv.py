@@ -88,7 +88,7 @@ _FORCE = None
 # force True (gathered) or False (folded).
 _FOLD_COST = 24
 _DX_GATHER = None
-# 3x3 stride-1 convs with enough channels (winograd.MIN_CHANNELS) run as Winograd F(2x2, 3x3):
+# 3x3 stride-1 convs with enough channels (winograd.worthwhile) run as Winograd F(2x2, 3x3):
 # None picks that way; tests force False (never) or True (wherever the shape allows).
 _WINOGRAD = None
 
@@ -777,8 +777,8 @@ class _Call:
         self.dot = False
         self.wino = None
         if (nd == 2 and groups == 1 and kernel == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-                and n and c_out and _WINOGRAD is not False
-                and (_WINOGRAD or min(c_in, c_out) >= winograd.MIN_CHANNELS)):
+                and n and c_out and _WINOGRAD is not False and _FORCE is None
+                and (_WINOGRAD or winograd.worthwhile(c_in, c_out))):
             wino = winograd.Plan(n, c_in, c_out, pad_lo, out, dtype, n_threads, backward)
             if wino.fits:
                 self.wino = wino
@@ -1144,7 +1144,7 @@ def _warmup(dtype):
     for stride in (1, 2):
         y = conv2d(x, w, np.ones(2, dtype), stride=stride, padding=1, groups=2)
         conv2d_backward(np.ones_like(y), x, w, stride=stride, padding=1, groups=2)
-    c = winograd.MIN_CHANNELS
+    c = NR
     x, w = np.ones((1, c, 4, 4), dtype), np.ones((c, c, 3, 3), dtype)
     y = conv2d(x, w, padding=1)
     conv2d_backward(np.ones_like(y), x, w, padding=1)

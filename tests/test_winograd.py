@@ -128,18 +128,19 @@ def test_results_are_deterministic_and_ignore_non_finite_workspaces(forced):
         np.testing.assert_array_equal(a, r)
 
 
-def test_chosen_for_3x3_stride_1_layers_with_enough_channels():
+def test_chosen_for_3x3_stride_1_layers_whose_channels_fill_the_panels():
     def uses(x, w, **kw):
         fastkern.conv2d(x, w, **kw)
         return next(c for c in reversed(conv_mod._CALLS.values())).wino is not None
 
-    wide = np.ones((2, winograd.MIN_CHANNELS, 8, 8), np.float32)
-    w = np.ones((16, winograd.MIN_CHANNELS, 3, 3), np.float32)
+    wide = np.ones((2, 32, 8, 8), np.float32)
+    w = np.ones((48, 32, 3, 3), np.float32)
     assert uses(wide, w, padding=1)
+    assert not uses(wide[:, :16], w[:16, :16], padding=1)  # padded to 32 x 32: 4x the multiply-adds
     assert not uses(wide, w, padding=1, stride=2)
     assert not uses(wide, w, padding=1, dilation=2)
     assert not uses(wide[:, :3], w[:, :3], padding=1)  # a first layer: the transforms would dominate
-    assert not uses(wide, np.ones((16, winograd.MIN_CHANNELS, 5, 5), np.float32), padding=2)
+    assert not uses(wide, np.ones((48, 32, 5, 5), np.float32), padding=2)
 
 
 def test_forward_and_gradients_match_torch(forced):
