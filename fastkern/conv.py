@@ -779,7 +779,7 @@ class _Call:
         if (nd == 2 and groups == 1 and kernel == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
                 and n and c_out and _WINOGRAD is not False and _FORCE is None
                 and (_WINOGRAD or winograd.worthwhile(c_in, c_out))):
-            wino = winograd.Plan(n, c_in, c_out, pad_lo, out, dtype, n_threads, backward)
+            wino = winograd.Plan(n, c_in, c_out, pad_lo, out, dtype, n_threads, backward, _MAX_WORKSPACE_BYTES)
             if wino.fits:
                 self.wino = wino
                 return

@@ -150,16 +150,16 @@ def _u(i):
 
 
 @njit(cache=True, _nrt=False)
-def _input_transform(xg, wg, cp, th, tw, v, vbase, plane):
-    """V[xi, t, :] = (B^T d B)[xi] (at ``vbase + xi*plane + t*cp``) for tile t = i*tw + j, whose
-    window d is rows 2i.. and columns 2j.. of the grid ``xg`` (Hg, wg, cp)."""
+def _input_transform(xg, wg, cp, i0, i1, tw, v, vbase, plane):
+    """V[xi, t, :] = (B^T d B)[xi] (at ``vbase + xi*plane + t*cp``) for tile t = (i - i0)*tw + j of
+    tile rows [i0, i1), whose window d is rows 2i.. and columns 2j.. of the grid ``xg`` (Hg, wg, cp)."""
     vl = _lanes(xg)
     d = _VECTORS16(xg)
     o = _VECTORS16(xg)
-    for i in range(th):
+    for i in range(i0, i1):
         for j in range(tw):
             s = (2 * i * wg + 2 * j) * cp
-            t = vbase + (i * tw + j) * cp
+            t = vbase + ((i - i0) * tw + j) * cp
             for c0 in range(0, cp, vl):
                 for r in range(4):
                     for q in range(4):
@@ -201,8 +201,9 @@ def _transpose(src, soff, sld, rows, cols, dst, doff, dld):
 
 
 @njit(cache=True, _nrt=False)
-def _output_transform(m, mbase, plane, cp, th, tw, oh, ow, bias, relu, pooled, yt, it):
-    """Output tiles of one sample from M (tile t's at ``mbase + xi*plane + t*cp``), channels last:
+def _output_transform(m, mbase, plane, cp, i0, i1, tw, oh, ow, bias, relu, pooled, yt, it):
+    """Output tiles of tile rows [i0, i1) of one sample from M (tile t's at ``mbase + xi*plane + t*cp``,
+    t = (i - i0)*tw + j), channels last:
     yt (oh*ow, cp) with bias and ReLU, or with ``pooled`` the 2x2 max pool of that, yt and its
     indices it ((oh//2)*(ow//2), cp), with torch's winner (the first of ties, a NaN wins) and
     index h*ow + w. ``bias`` has cp entries."""
@@ -210,9 +211,9 @@ def _output_transform(m, mbase, plane, cp, th, tw, oh, ow, bias, relu, pooled, y
     a = _VECTORS16(m)
     zero = m.dtype.type(0)
     ph_, pw_ = oh // 2, ow // 2
-    for i in range(th):
+    for i in range(i0, i1):
         for j in range(tw):
-            t = mbase + (i * tw + j) * cp
+            t = mbase + ((i - i0) * tw + j) * cp
             o = 2 * i * ow + 2 * j
             right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
             if pooled and not (i < ph_ and j < pw_):
@@ -268,9 +269,9 @@ def _row_of_adjoint(out, x0, vl, e, r0, r1):
 
 
 @njit(cache=True, _nrt=False)
-def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, th, tw, oh, ow, db):
-    """dM[xi, t, :] = (A dY A^T)[xi] (at ``mbase + xi*plane + t*cp``) for each output tile's grad
-    dY of one sample, channels last: from grad_y gt (oh*ow, cp), masked where the forward's
+def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, i0, i1, tw, oh, ow, db):
+    """dM[xi, t, :] = (A dY A^T)[xi] (at ``mbase + xi*plane + t*cp``, t = (i - i0)*tw + j) for each
+    output tile's grad dY in tile rows [i0, i1) of one sample, channels last: from grad_y gt (oh*ow, cp), masked where the forward's
     output ``yrt`` is not positive with ``relu``; with ``pooled``, gt and yrt are the pool's
     ((oh//2)*(ow//2), cp) and each window's gradient goes to its maximum, ``pit``. Adds each
     channel's sum to ``db``; returns how many pool indices were outside their window."""
@@ -280,9 +281,9 @@ def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, th, tw, 
     zero = dm.dtype.type(0)
     ph_, pw_ = oh // 2, ow // 2
     bad = 0
-    for i in range(th):
+    for i in range(i0, i1):
         for j in range(tw):
-            t = mbase + (i * tw + j) * cp
+            t = mbase + ((i - i0) * tw + j) * cp
             o = 2 * i * ow + 2 * j
             right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
             window = i < ph_ and j < pw_
@@ -333,14 +334,15 @@ def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, th, tw, 
 
 
 @njit(cache=True, _nrt=False)
-def _input_grad_tiles(dv, vbase, plane, cp, th, tw, dxg, wg):
-    """Adds ``B dV B^T`` of each tile (dV[xi, t, :] at ``vbase + xi*plane + t*cp``) onto its 4x4
-    window of the grad-input grid ``dxg`` (Hg, wg, cp); windows overlap, so tiles go in turn."""
+def _input_grad_tiles(dv, vbase, plane, cp, i0, i1, tw, dxg, wg):
+    """Adds ``B dV B^T`` of each tile of rows [i0, i1) (dV[xi, t, :] at ``vbase + xi*plane + t*cp``,
+    t = (i - i0)*tw + j) onto its 4x4 window of the grad-input grid ``dxg`` (Hg, wg, cp); windows
+    overlap, so tiles go in turn."""
     vl = _lanes(dv)
     a = _VECTORS16(dv)
-    for i in range(th):
+    for i in range(i0, i1):
         for j in range(tw):
-            t = vbase + (i * tw + j) * cp
+            t = vbase + ((i - i0) * tw + j) * cp
             s = (2 * i * wg + 2 * j) * cp
             for c0 in range(0, cp, vl):
                 for x in range(16):
@@ -409,8 +411,9 @@ def _tiles(m, n, k, a, aoff, ars, acs, b, boff, bstride, boffs, c, coff, crs, be
 @njit(inline="always")
 def _geometry(geo):
     """(pad h, pad w, OH, OW, tile rows, tile columns, grid Hg, Wg, samples per chunk,
-    tiles~ per chunk, C_in~, C_out~): Plan.geo."""
-    return (geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8], geo[9], geo[10], geo[11])
+    tiles~ per chunk, C_in~, C_out~, tile rows per band): Plan.geo."""
+    return (geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8], geo[9], geo[10], geo[11],
+            geo[12])
 
 
 @njit(inline="always")
@@ -420,12 +423,14 @@ def _cut(buf, o, n):
 
 
 @njit(cache=True, _nrt=False)
-def _transform_inputs(x, n0, n1, xg, v, geo):
-    """V of samples [n0, n1) side by side: each copied into the grid, then transformed."""
-    ph, pw, _, _, th, tw, _, wg, _, tp, cip, _ = _geometry(geo)
+def _transform_inputs(x, n0, n1, i0, i1, xg, v, geo):
+    """V of tile rows [i0, i1) of samples [n0, n1) side by side: each sample copied into the grid
+    (at its first band), then transformed."""
+    ph, pw, _, _, _, tw, _, wg, _, tp, cip, _, _ = _geometry(geo)
     for n in range(n0, n1):
-        _to_grid(x[n], xg, wg, cip, ph, pw)
-        _input_transform(xg, wg, cip, th, tw, v, (n - n0) * th * tw * cip, tp * cip)
+        if i0 == 0:
+            _to_grid(x[n], xg, wg, cip, ph, pw)
+        _input_transform(xg, wg, cip, i0, i1, tw, v, (n - n0) * (i1 - i0) * tw * cip, tp * cip)
 
 
 @njit(parallel=True, cache=True)
@@ -435,9 +440,8 @@ def forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
     # int64 scratch; geo: see Plan
     n_samples, cin = x.shape[0], x.shape[1]
     cout, npos = y.shape[1], y.shape[2]
-    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop = _geometry(geo)
+    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt = _geometry(geo)
     glen, vlen, mlen = hg * wg * cip, 16 * tp * cip, 16 * tp * cop
-    tps = th * tw
     n_units = -(-n_samples // per)
     claims = zeros(1, np.int64)
     zero = x.dtype.type(0)
@@ -454,16 +458,20 @@ def forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
             if u >= n_units:
                 break
             n0, n1 = u * per, min(n_samples, (u + 1) * per)
-            _transform_inputs(x, n0, n1, xg, v, geo)
-            rows = (n1 - n0) * tps
-            for xi in range(16):  # M[xi] (tiles x C_out) = V[xi] (tiles x C_in) @ U[xi].T
-                _tiles(rows, cout, cin, v, xi * tp * cip, cip, 1, ut[xi].reshape(-1), 0, cin * NR, None,
-                       m, xi * tp * cop, cop, zero, tile)
-            for n in range(n0, n1):
-                _output_transform(m, (n - n0) * tps * cop, tp * cop, cop, th, tw, oh, ow, bias, relu, pooled, yt, it)
-                _transpose(yt, 0, cop, npos, cout, y[n].reshape(-1), 0, npos)
-                if pooled:
-                    _transpose(it, 0, cop, npos, cout, pidx[n].reshape(-1), 0, npos)
+            for i0 in range(0, th, bt):  # bands of tile rows (one band unless a sample is large)
+                i1 = min(th, i0 + bt)
+                band = (i1 - i0) * tw
+                _transform_inputs(x, n0, n1, i0, i1, xg, v, geo)
+                for xi in range(16):  # M[xi] (tiles x C_out) = V[xi] (tiles x C_in) @ U[xi].T
+                    _tiles((n1 - n0) * band, cout, cin, v, xi * tp * cip, cip, 1, ut[xi].reshape(-1), 0, cin * NR,
+                           None, m, xi * tp * cop, cop, zero, tile)
+                for n in range(n0, n1):
+                    _output_transform(m, (n - n0) * band * cop, tp * cop, cop, i0, i1, tw, oh, ow, bias, relu, pooled,
+                                      yt, it)
+                    if i1 == th:
+                        _transpose(yt, 0, cop, npos, cout, y[n].reshape(-1), 0, npos)
+                        if pooled:
+                            _transpose(it, 0, cop, npos, cout, pidx[n].reshape(-1), 0, npos)
 
 
 @njit(parallel=True, cache=True)
@@ -473,9 +481,8 @@ def backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, w
     # voffs: the rows of V (tile p at p*C_in~); geo as forward's
     n_samples, cin = x.shape[0], x.shape[1]
     cout, npos = gy.shape[1], gy.shape[2]
-    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop = _geometry(geo)
+    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt = _geometry(geo)
     glen, vlen, mlen = hg * wg * cip, 16 * tp * cip, 16 * tp * cop
-    tps = th * tw
     coutr = du.shape[2]
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
@@ -495,27 +502,32 @@ def backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, w
         lo, hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
         for n0 in range(lo, hi, per):
             n1 = min(hi, n0 + per)
-            _transform_inputs(x, n0, n1, xg, v, geo)
-            for n in range(n0, n1):
-                _transpose(gy[n].reshape(-1), 0, npos, cout, npos, gt, 0, cop)
-                if relu:
-                    _transpose(yr[n].reshape(-1), 0, npos, cout, npos, yrt, 0, cop)
-                if pooled:
-                    _transpose(pidx[n].reshape(-1), 0, npos, cout, npos, it, 0, cop)
-                nbad[t] += _grad_tiles(gt, yrt, relu, pooled, it, dm, (n - n0) * tps * cop, tp * cop, cop, cout, th,
-                                       tw, oh, ow, db[t])
-            rows = (n1 - n0) * tps
-            for xi in range(16):
-                # grad weight: dU[xi] (C_out x C_in) += dM[xi].T @ V[xi], reduced over the tiles
-                _tiles(coutr, cin, rows, dm, xi * tp * cop, 1, cop, v, xi * tp * cip, 0, voffs,
-                       du[t, xi].reshape(-1), 0, cip, one, tile)
-                if do_dx:  # grad input: dV[xi] (tiles x C_in) = dM[xi] @ U[xi]
-                    _tiles(rows, cin, cout, dm, xi * tp * cop, cop, 1, u[xi].reshape(-1), 0, cout * NR, None,
-                           dv, xi * tp * cip, cip, zero, tile)
-            if do_dx:
+            for i0 in range(0, th, bt):
+                i1 = min(th, i0 + bt)
+                band = (i1 - i0) * tw
+                _transform_inputs(x, n0, n1, i0, i1, xg, v, geo)
                 for n in range(n0, n1):
-                    _input_grad_tiles(dv, (n - n0) * tps * cip, tp * cip, cip, th, tw, dxg, wg)
-                    _from_grid(dxg, dx[n], wg, cip, ph, pw)
+                    if i0 == 0:
+                        _transpose(gy[n].reshape(-1), 0, npos, cout, npos, gt, 0, cop)
+                        if relu:
+                            _transpose(yr[n].reshape(-1), 0, npos, cout, npos, yrt, 0, cop)
+                        if pooled:
+                            _transpose(pidx[n].reshape(-1), 0, npos, cout, npos, it, 0, cop)
+                    nbad[t] += _grad_tiles(gt, yrt, relu, pooled, it, dm, (n - n0) * band * cop, tp * cop, cop, cout,
+                                           i0, i1, tw, oh, ow, db[t])
+                rows = (n1 - n0) * band
+                for xi in range(16):
+                    # grad weight: dU[xi] (C_out x C_in) += dM[xi].T @ V[xi], reduced over the tiles
+                    _tiles(coutr, cin, rows, dm, xi * tp * cop, 1, cop, v, xi * tp * cip, 0, voffs,
+                           du[t, xi].reshape(-1), 0, cip, one, tile)
+                    if do_dx:  # grad input: dV[xi] (tiles x C_in) = dM[xi] @ U[xi]
+                        _tiles(rows, cin, cout, dm, xi * tp * cop, cop, 1, u[xi].reshape(-1), 0, cout * NR, None,
+                               dv, xi * tp * cip, cip, zero, tile)
+                if do_dx:
+                    for n in range(n0, n1):
+                        _input_grad_tiles(dv, (n - n0) * band * cip, tp * cip, cip, i0, i1, tw, dxg, wg)
+                        if i1 == th:
+                            _from_grid(dxg, dx[n], wg, cip, ph, pw)
 
 
 for _kernel in (weight_panels, weight_gradient, _transpose, _input_transform, _output_transform, _grad_tiles,
@@ -536,11 +548,13 @@ def _round_up(a, b):
 class Plan:
     """Tile grid, samples per chunk and scratch layout of one F(2x2, 3x3) conv call.
 
-    ``fits`` is False when one sample's tiles would not fit the chunk budget (large
-    images): conv.py then keeps the im2col path, which bands rows of a sample.
+    Several small samples make one chunk; a large one is split into bands of tile rows
+    whose V, M and dM fit the chunk budget (its grid and channels-last grad_y stay whole).
+    ``fits`` is False only when even one tile row would not fit or the workspace would pass
+    the conv workspace cap (``max_bytes`` for all threads): conv.py then keeps im2col.
     """
 
-    def __init__(self, n, c_in, c_out, pad, out, dtype, n_threads, backward):
+    def __init__(self, n, c_in, c_out, pad, out, dtype, n_threads, backward, max_bytes=64 << 20):
         oh, ow = out
         th, tw = -(-oh // 2), -(-ow // 2)
         hg, wg = 2 * th + 2, 2 * tw + 2  # every tile's 4x4 window, zeros past the input
@@ -553,17 +567,20 @@ class Plan:
         npos = oh * ow  # the output (or with a pool, fewer) positions, channels last
         self.index_len = npos * cop
 
-        def floats(per):
-            tp = _round_up(per * tps, mr)
-            if backward:
-                return tp, 2 * glen + 16 * tp * (2 * cip + cop) + 2 * npos * cop + mr * NR
-            return tp, glen + 16 * tp * (cip + cop) + npos * cop + mr * NR
+        def chunk(tiles):  # the chunk's V, M (V, dM, dV), and its tile count rounded to MR
+            tp = _round_up(tiles, mr)
+            return tp, 16 * tp * (2 * cip + cop if backward else cip + cop)
 
         budget = _CHUNK_BYTES // dtype.itemsize
         per = max(1, min(-(-_TARGET_TILES // tps), -(-n // n_threads)))
-        while per > 1 and floats(per)[1] > budget:
+        while per > 1 and chunk(per * tps)[1] > budget:
             per -= 1
-        tp, self.per_thread = floats(per)
-        self.fits = self.per_thread <= budget
-        self.geo = np.array([pad[0], pad[1], oh, ow, th, tw, hg, wg, per, tp, cip, cop], np.int64)
+        bt = th  # tile rows per band: a whole sample, or fewer when one does not fit
+        while bt > 1 and chunk(bt * tw)[1] > budget:
+            bt -= 1
+        tp, floats = chunk(per * bt * tw)
+        whole = (2 * glen + 2 * npos * cop) if backward else (glen + npos * cop)  # grids, channels-last maps
+        self.per_thread = floats + whole + mr * NR
+        self.fits = floats <= budget and self.per_thread * dtype.itemsize * n_threads <= max_bytes
+        self.geo = np.array([pad[0], pad[1], oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt], np.int64)
         self.voffs = (np.arange(tp) * cip).astype(np.int64)

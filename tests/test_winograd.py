@@ -98,6 +98,26 @@ def test_fused_relu_and_max_pool_match_the_separate_ops(shape, dtype, forced):
         np.testing.assert_allclose(a, r, **_tol(dtype, 20))
 
 
+@pytest.mark.parametrize("chunk_bytes", [100 << 10, 200 << 10], ids=["one-tile-row-bands", "two-row-bands"])
+def test_large_samples_split_into_bands_of_tile_rows(chunk_bytes, forced, monkeypatch):
+    # a sample whose tiles pass the chunk budget runs in bands of tile rows: odd sizes, the fused
+    # pool, grad input added back across band edges
+    monkeypatch.setattr(winograd, "_CHUNK_BYTES", chunk_bytes)
+    x, w, b = _arrays(3, 5, 13, 11, 6, np.float64, 8)
+    plan = winograd.Plan(3, 5, 6, (1, 1), (13, 11), np.dtype(np.float64), 2, True)
+    assert plan.fits and plan.geo[12] < plan.geo[4]  # fewer tile rows per band than the sample has
+    np.testing.assert_allclose(fastkern.conv2d(x, w, b, padding=1), naive_conv(x, w, b, 1, 1, 1, 1), **_tol(np.float64))
+    pooled, idx = fastkern.conv2d(x, w, b, padding=1, activation="relu", max_pool=2)
+    y = np.maximum(naive_conv(x, w, b, 1, 1, 1, 1), 0)
+    np.testing.assert_allclose(pooled, fastkern.max_pool2d(y, 2), **_tol(np.float64))
+    g = np.random.default_rng(2).standard_normal(pooled.shape)
+    got = fastkern.conv2d_backward(g, x, w, padding=1, activation="relu", output=pooled, pool_indices=idx)
+    gy = fastkern.max_pool2d_backward(g, idx, y.shape, 2) * (y > 0)
+    want_dx = naive_conv(gy, np.flip(w, (2, 3)).transpose(1, 0, 2, 3).copy(), None, 1, 1, 1, 1)
+    np.testing.assert_allclose(got[0], want_dx, **_tol(np.float64))
+    np.testing.assert_allclose(got[1], naive_conv_grad_w(gy, x, w, 1, 1), **_tol(np.float64))
+
+
 def test_pool_indices_outside_their_window_are_rejected(forced):
     x, w, b = _arrays(2, 4, 8, 8, 3, np.float64, 0)
     pooled, idx = fastkern.conv2d(x, w, b, padding=1, max_pool=2)
