@@ -1,4 +1,4 @@
-"""asv: convolutions (wide grid or packed columns on the GEMM micro-kernel), forward and forward+backward."""
+"""asv: convolutions (wide grid, packed columns or Winograd on the GEMM micro-kernel), forward and forward+backward."""
 import numpy as np
 
 import fastkern
@@ -78,6 +78,34 @@ class TimeConv2d:
         return _flops(shape) * reps / (time.perf_counter() - t0) / 1e9
 
     track_forward_gflops.unit = "GFLOP/s"
+
+
+class TimeConv2dWinogradAgainstIm2col:
+    """3x3 stride-1 layers by Winograd F(2x2, 3x3) (fastkern/winograd.py) and by the im2col GEMMs."""
+
+    params = ([(64, 32, 16, 16, 64), (128, 64, 8, 8, 128), (32, 64, 32, 32, 64)], ["winograd", "im2col"],
+              ["float32"], THREADS)
+    param_names = ["shape", "algorithm", "dtype", "threads"]
+
+    def setup(self, shape, algorithm, dtype, threads):
+        from fastkern import conv
+        fastkern.set_num_threads(threads)
+        conv._WINOGRAD = algorithm == "winograd"  # the forced choice; teardown restores the automatic one
+        n, c, h, w, co = shape
+        self.x, self.w, self.b = _arrays((n, c, h, w), (co, c, 3, 3), dtype)
+        self.gy = np.ones((n, co, h, w), dtype)
+        self.time_forward_and_backward(shape, algorithm, dtype, threads)
+
+    def teardown(self, shape, algorithm, dtype, threads):
+        from fastkern import conv
+        conv._WINOGRAD = None
+
+    def time_forward(self, shape, algorithm, dtype, threads):
+        fastkern.conv2d(self.x, self.w, self.b, padding=1)
+
+    def time_forward_and_backward(self, shape, algorithm, dtype, threads):
+        fastkern.conv2d(self.x, self.w, self.b, padding=1)
+        fastkern.conv2d_backward(self.gy, self.x, self.w, padding=1)
 
 
 class TimeConv1dConv3d:

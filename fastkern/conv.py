@@ -38,6 +38,11 @@ output channels through inner-product tiles (``gemm.dot_tile``), otherwise as
 sample's positions are few, a thread stages the grids and grad_y of several
 samples and each inner-product tile reduces over all of them at once.
 
+A 3x3, stride-1 ``conv2d`` whose channels fill the micro-kernel's panels runs instead as
+Winograd F(2x2, 3x3), 16 GEMMs over transformed tiles (winograd.py, ``_winograd_forward``
+and ``_winograd_backward`` below): 16 multiply-adds per 2x2 output tile and channel pair
+where this path does 36.
+
 The forward hands out samples (or bands of one, when there are fewer samples
 than threads) from a shared atomic counter as threads come free, so a core
 slowed by another process does less of the work. The backward gives each
