@@ -7,9 +7,9 @@ A 3x3 kernel on a 2x2 tile of outputs needs the tile's 4x4 input window ``d``:
 against 36 multiply-adds computed directly. Over all channels the 16
 elementwise products are 16 GEMMs, one per position xi of the 4x4 transform:
 
-* forward:     ``M[xi] = U[xi] @ V[xi]``      (C_out x C_in) @ (C_in x tiles)
-* grad weight: ``dU[xi].T += V[xi] @ dM[xi].T``, with ``dM = A dY A^T`` per tile
-* grad input:  ``dV[xi] = U[xi].T @ dM[xi]``, then ``B dV B^T`` added back
+* forward:     ``M[xi] = V[xi] @ U[xi].T``    (tiles x C_in) @ (C_in x C_out)
+* grad weight: ``dU[xi] += dM[xi].T @ V[xi]``, with ``dM = A dY A^T`` per tile
+* grad input:  ``dV[xi] = dM[xi] @ U[xi]``, then ``B dV B^T`` added back
   onto the input (tiles overlap by two rows and columns)
 
 with ``U = G g G^T`` (once per call) and ``V = B^T d B`` per tile.
@@ -20,7 +20,8 @@ NR-wide panels (``worthwhile``). F(2x2, 3x3)'s transforms hold only 0, 1 and
 
 Each thread works on whole samples, a chunk of them at a time: their tiles
 side by side as the GEMMs' columns, enough for full NR-wide tiles of the
-micro-kernel (``_TARGET_TILES``) while V, M and dM stay in L2. The forward
+micro-kernel (``_TARGET_TILES``) while V, M and dM stay in L2; a sample too
+large for that runs in bands of tile rows (``Plan``). The forward
 hands chunks out from a shared counter; the backward gives each thread a
 fixed share of the samples and its own partial dU, summed in thread order,
 so results are deterministic for a given thread count. The 2x2 output tiles
@@ -46,10 +47,13 @@ MAX_PADDING = 1.8
 def worthwhile(c_in, c_out):
     """Whether a 3x3 stride-1 conv with these channel counts is faster by Winograd than im2col."""
     return _round_up(c_in, NR) * _round_up(c_out, NR) <= MAX_PADDING * c_in * c_out
-# Tiles per chunk that the GEMMs aim for (columns: NR-wide micro-kernel tiles),
-# within _CHUNK_BYTES of V, M or dM and the grids per thread (L2 is 1 MiB/core).
+
+
+# Tiles per chunk that the GEMMs aim for (their M: whole MR-row micro-kernel tiles), within
+# _CHUNK_BYTES of V, M, dM and dV per thread (L2 is 1 MiB/core).
 _TARGET_TILES = 128
 _CHUNK_BYTES = 1 << 20
+
 
 @njit(inline="always")
 def _g_of(a, b, c, half):
@@ -146,6 +150,7 @@ _VECTORS16 = _stack_array(lambda dt: 16 * 512 // dt.bitwidth)
 
 @njit(inline="always")
 def _u(i):
+    """An offset as unsigned: indexing then needs no wraparound select, which keeps loops vectorizable."""
     return np.uintp(i)
 
 
