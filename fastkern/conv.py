@@ -59,7 +59,7 @@ from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized, zeros
 from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _channel_panel, _claim, _lanes, _mr, _pack_a,
                    _stack_array, _tail,
-                   _tile_rows, _transpose_lanes, borrowed, dot_tile,
+                   _tile_rows, borrowed, dot_tile,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .pool import _max_2x2_back_row, _max_2x2_row
@@ -492,7 +492,6 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
     n_groups = wtpk.shape[0]
     oh, ow = geo[13], geo[14]
     rows = geo[12] * oh
-    mr = _tile_rows(x)
     mgp = dwt.shape[3]
     zero = gy.dtype.type(0)
     gather, lead, dld, first = dxl[0], dxl[1], dxl[2], dxl[3]
@@ -969,11 +968,11 @@ def _winograd_forward(call, x, weight, bias, relu, pooled, y, idx):
     if bias is not None:
         b[:c_out] = bias
     ut = np.empty((16, p.cop // NR, weight.shape[1], NR), dtype)
-    winograd.weight_panels(np.ascontiguousarray(weight), ut, True)
+    winograd._weight_panels(np.ascontiguousarray(weight), ut, True)
     ws = _workspace("winograd", dtype, n_threads, p.per_thread)
     iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
     pidx = idx.reshape((n, c_out, -1)) if pooled else _NO_INDICES
-    winograd.forward_kernel(np.ascontiguousarray(x), ut, b, relu, pooled, y.reshape((n, c_out, -1)), pidx, ws, iws,
+    winograd._forward_kernel(np.ascontiguousarray(x), ut, b, relu, pooled, y.reshape((n, c_out, -1)), pidx, ws, iws,
                             p.geo, n_threads)
 
 
@@ -985,7 +984,7 @@ def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, p
     pooled = pool_indices is not None
     u = np.empty((16, p.cip // NR, c_out, NR) if input_grad else (16, 1, 1, NR), dtype)
     if input_grad:
-        winograd.weight_panels(np.ascontiguousarray(weight), u, False)
+        winograd._weight_panels(np.ascontiguousarray(weight), u, False)
     dx = np.empty(x.shape if input_grad else (0,) * 4, dtype)  # every element is written
     du = np.zeros((n_threads, 16, p.coutr, p.cip), dtype)
     db = np.zeros((n_threads, p.cop), dtype)
@@ -995,12 +994,12 @@ def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, p
     pidx = np.ascontiguousarray(pool_indices).reshape(gy.shape) if pooled else _NO_INDICES
     ws = _workspace("winograd backward", dtype, n_threads, p.per_thread)
     iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
-    winograd.backward_kernel(gy, yr, output is not None, pooled, pidx, np.ascontiguousarray(x), u, dx,
+    winograd._backward_kernel(gy, yr, output is not None, pooled, pidx, np.ascontiguousarray(x), u, dx,
                              input_grad, du, db, nbad, ws, iws, p.voffs, p.geo, n_threads)
     if nbad.any():
         raise _bad_indices(op, nbad, pool_indices)
     grad_w = np.empty(weight.shape, dtype)
-    winograd.weight_gradient(du, grad_w)
+    winograd._weight_gradient(du, grad_w)
     return (dx if input_grad else None), grad_w, (db.sum(axis=0)[:c_out] if bias_grad else None)
 
 

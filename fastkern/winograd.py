@@ -73,7 +73,7 @@ def _gt_of(a, b, c, d, half):
 
 
 @njit(cache=True, _nrt=False)
-def weight_panels(w, panels, by_out):
+def _weight_panels(w, panels, by_out):
     """``U[xi] = (G g G^T)[xi]`` of each kernel g = w[co, ci] (3x3) into the micro-kernel's packed B,
     NR-column panels zero padded: with ``by_out`` U[xi].T (C_in x C_out) for the forward, panels
     (16, C_out~/NR, C_in, NR), else U[xi] (C_out x C_in) for grad input, (16, C_in~/NR, C_out, NR)."""
@@ -107,7 +107,7 @@ def weight_panels(w, panels, by_out):
 
 
 @njit(cache=True, _nrt=False)
-def weight_gradient(du, grad_w):
+def _weight_gradient(du, grad_w):
     """``grad_w[co, ci] = G^T dU G`` (3x3) with dU[xi] (16) the sum of the threads' partials
     du (T, 16, C_out~, C_in~), added in thread order."""
     vl = _lanes(du)
@@ -276,10 +276,11 @@ def _row_of_adjoint(out, x0, vl, e, r0, r1):
 @njit(cache=True, _nrt=False)
 def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, i0, i1, tw, oh, ow, db):
     """dM[xi, t, :] = (A dY A^T)[xi] (at ``mbase + xi*plane + t*cp``, t = (i - i0)*tw + j) for each
-    output tile's grad dY in tile rows [i0, i1) of one sample, channels last: from grad_y gt (oh*ow, cp), masked where the forward's
-    output ``yrt`` is not positive with ``relu``; with ``pooled``, gt and yrt are the pool's
-    ((oh//2)*(ow//2), cp) and each window's gradient goes to its maximum, ``pit``. Adds each
-    channel's sum to ``db``; returns how many pool indices were outside their window."""
+    output tile's grad dY in tile rows [i0, i1) of one sample, channels last: from grad_y gt
+    (oh*ow, cp), masked where the forward's output ``yrt`` is not positive with ``relu``; with
+    ``pooled``, gt and yrt are the pool's ((oh//2)*(ow//2), cp) and each window's gradient goes to
+    its maximum, ``pit``. Adds each channel's sum to ``db``; returns how many pool indices were
+    outside their window."""
     vl = _lanes(dm)
     a = _VECTORS16(dm)  # the tile's dY (4 vectors of channels)
     out = _VECTORS16(dm)
@@ -439,7 +440,7 @@ def _transform_inputs(x, n0, n1, i0, i1, xg, v, geo):
 
 
 @njit(parallel=True, cache=True)
-def forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
+def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
     # x (N, C_in, H, W); ut (16, C_out~/NR, C_in, NR): U[xi].T in NR-column panels; bias (C_out~);
     # y (N, C_out, OH*OW), or with pooled (N, C_out, PH*PW) and pidx too; iws (T, >= PH*PW*C_out~)
     # int64 scratch; geo: see Plan
@@ -480,7 +481,7 @@ def forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
 
 
 @njit(parallel=True, cache=True)
-def backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, ws, iws, voffs, geo, n_threads):
+def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, ws, iws, voffs, geo, n_threads):
     # gy, yr (N, C_out, OH*OW or PH*PW); x, dx (N, C_in, H, W); u (16, C_in~/NR, C_out, NR): U[xi]
     # in NR-column panels; per-thread partials du (T, 16, C_out~, C_in~) and db (T, C_out~);
     # voffs: the rows of V (tile p at p*C_in~); geo as forward's
@@ -535,10 +536,10 @@ def backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, w
                             _from_grid(dxg, dx[n], wg, cip, ph, pw)
 
 
-for _kernel in (weight_panels, weight_gradient, _transpose, _input_transform, _output_transform, _grad_tiles,
+for _kernel in (_weight_panels, _weight_gradient, _transpose, _input_transform, _output_transform, _grad_tiles,
                 _input_grad_tiles, _to_grid,
                 _from_grid, _tiles, _transform_inputs,
-                forward_kernel, backward_kernel):
+                _forward_kernel, _backward_kernel):
     vectorized(_kernel)
 
 
