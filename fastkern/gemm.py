@@ -419,63 +419,72 @@ def _flat_np(x):
 # Micro-kernel and write-back.
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
-def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, crs, alpha, beta, to_c):
-    """One full MR x NR tile: ``acc[i, j] = sum_p A[aoff + row_a(i) + p*acs] * B[boff + row_b(p) + j]``.
+def _micro_kernel(kc, A, aoff, ars, acs, arows, B, boff, boffs, tile, C, coff, crs, alpha, beta, to_c, n_tiles,
+                  astep):
+    """``n_tiles`` full MR x NR tiles stacked down one NR-column panel of B: tile t is
+    ``acc[i, j] = sum_p A[aoff + t*astep + row_a(t*MR + i) + p*acs] * B[boff + row_b(p) + j]``.
 
-    Row offsets are strided or come from a table: ``row_a(i)`` is ``i*ars``
-    (``arows`` None) or ``arows[i]``; ``row_b(p)`` is ``p*NR`` (``boffs`` None:
+    Row offsets are strided or come from a table: ``row_a(r)`` is ``(r % MR)*ars``
+    (``arows`` None) or ``arows[r]``; ``row_b(p)`` is ``p*NR`` (``boffs`` None:
     a packed micro-panel) or ``boffs[p]``. The None branches are compiled
     away, so a packed GEMM pays nothing for the tables a convolution uses to
     read the rows of an image in place.
 
-    With ``to_c`` the tile lands directly in a row-contiguous C block (rows
-    ``coff + i*crs``) as ``alpha*acc + beta*C``; otherwise it is copied to
-    ``tile`` for a masked write-back. Offsets are cast to unsigned so LLVM sees
-    non-negative, consecutive indices (no wraparound select), which lets the
-    SLP vectorizer fuse each row update into packed FMAs.
+    With ``to_c`` tile t lands directly in a row-contiguous C block (rows
+    ``coff + (t*MR + i)*crs``) as ``alpha*acc + beta*C``; otherwise (n_tiles
+    1) it is copied to ``tile`` for a masked write-back. A call passes about
+    forty words on the stack (each array is seven), as long as a sixth of a
+    K = 27 tile's arithmetic: the tiles of one panel share a call. Offsets are
+    cast to unsigned so LLVM sees non-negative, consecutive indices (no
+    wraparound select), which lets the SLP vectorizer fuse each row update
+    into packed FMAs.
     """
     mr = _tile_rows(A)
     acc = _register_tile(A)
-    if to_c:  # C rows are far apart: start fetching them while the tile computes
-        for i in range(mr):
-            for h in range(0, NR, _lanes(C)):
-                _prefetch_write(C, coff + i * crs + h)
-    for x in range(mr * NR):
-        acc[x] = 0
-    if boffs is not None:  # B rows through the table, A strided
-        for p in range(kc):
-            b = _tail(B, boff + boffs[p])
+    for t in range(n_tiles):
+        ao = aoff + t * astep
+        co = coff + t * mr * crs
+        if to_c:  # C rows are far apart: start fetching them while the tile computes
             for i in range(mr):
-                ai = A[np.uintp(aoff + p * acs + i * ars)]
-                for j in range(NR):
-                    acc[i * NR + j] += ai * b[j]
-    elif arows is None:  # both packed or strided: the GEMM case
-        bp = B[np.uintp(boff):]
-        for p in range(kc):
-            for i in range(mr):
-                ai = A[np.uintp(aoff + p * acs + i * ars)]
-                for j in range(NR):
-                    acc[i * NR + j] += ai * bp[p * NR + j]
-    else:  # A rows through the table, B packed
-        bp = B[np.uintp(boff):]
-        for p in range(kc):
-            for i in range(mr):
-                ai = A[np.uintp(aoff + arows[i] + p * acs)]
-                for j in range(NR):
-                    acc[i * NR + j] += ai * bp[p * NR + j]
-    if not to_c:
+                for h in range(0, NR, _lanes(C)):
+                    _prefetch_write(C, co + i * crs + h)
         for x in range(mr * NR):
-            tile[x] = acc[x]
-    elif beta == 0:  # C may hold garbage or NaN: never read it
-        for i in range(mr):
-            row = _tail(C, coff + i * crs)
-            for j in range(NR):
-                row[j] = alpha * acc[i * NR + j]
-    else:
-        for i in range(mr):
-            row = _tail(C, coff + i * crs)
-            for j in range(NR):
-                row[j] = alpha * acc[i * NR + j] + beta * row[j]
+            acc[x] = 0
+        if boffs is not None:  # B rows through the table, A strided
+            for p in range(kc):
+                b = _tail(B, boff + boffs[p])
+                for i in range(mr):
+                    ai = A[np.uintp(ao + p * acs + i * ars)]
+                    for j in range(NR):
+                        acc[i * NR + j] += ai * b[j]
+        elif arows is None:  # both packed or strided: the GEMM case
+            bp = B[np.uintp(boff):]
+            for p in range(kc):
+                for i in range(mr):
+                    ai = A[np.uintp(ao + p * acs + i * ars)]
+                    for j in range(NR):
+                        acc[i * NR + j] += ai * bp[p * NR + j]
+        else:  # A rows through the table, B packed
+            bp = B[np.uintp(boff):]
+            ar = arows[t * mr:t * mr + mr]
+            for p in range(kc):
+                for i in range(mr):
+                    ai = A[np.uintp(ao + ar[i] + p * acs)]
+                    for j in range(NR):
+                        acc[i * NR + j] += ai * bp[p * NR + j]
+        if not to_c:
+            for x in range(mr * NR):
+                tile[x] = acc[x]
+        elif beta == 0:  # C may hold garbage or NaN: never read it
+            for i in range(mr):
+                row = _tail(C, co + i * crs)
+                for j in range(NR):
+                    row[j] = alpha * acc[i * NR + j]
+        else:
+            for i in range(mr):
+                row = _tail(C, co + i * crs)
+                for j in range(NR):
+                    row[j] = alpha * acc[i * NR + j] + beta * row[j]
 
 
 @njit(fastmath=_FAST, inline="always")
@@ -729,14 +738,16 @@ def _macro_kernel(ap, bp, bpoff, kc, mc, nc, C, coff, crs, ccs, alpha, beta):
     tile = _register_tile(ap)
     for jr in range(0, nc, NR):
         nr = min(NR, nc - jr)
-        for ir in range(0, mc, mr):
-            rows = min(mr, mc - ir)
+        ir = 0
+        while ir < mc:  # the panel's whole tiles straight into C in one call, then a ragged one
+            n_full = mc // mr - ir // mr if ccs == 1 and nr == NR else 0
+            nt = max(n_full, 1)
             cij = coff + ir * crs + jr * ccs
-            to_c = ccs == 1 and rows == mr and nr == NR
             _micro_kernel(kc, ap, ir * kc, 1, mr, None, bp, bpoff + jr * kc, None, tile, C, cij, crs,
-                          alpha, beta, to_c)
-            if not to_c:
-                _store_tile(tile, NR, 0, rows, nr, C, cij, crs, ccs, alpha, beta)
+                          alpha, beta, n_full > 0, nt, mr * kc)
+            if n_full == 0:
+                _store_tile(tile, NR, 0, min(mr, mc - ir), nr, C, cij, crs, ccs, alpha, beta)
+            ir += nt * mr
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
@@ -791,9 +802,8 @@ def tiles_b_rows(m, n, k, ap, B, bbase, boffs, C, crs, tile):
         beta = C.dtype.type(0) if pc == 0 else one
         bo = boffs[pc:pc + kc]
         for jr in range(0, n, NR):
-            for ir in range(0, m, mr):
-                _micro_kernel(kc, ap, ir * k + pc * mr, 1, mr, None, B, bbase + jr, bo, tile,
-                              C, ir * crs + jr, crs, one, beta, True)
+            _micro_kernel(kc, ap, pc * mr, 1, mr, None, B, bbase + jr, bo, tile,
+                          C, jr, crs, one, beta, True, _cdiv(m, mr), mr * k)
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
@@ -806,9 +816,8 @@ def tiles_b_panels(m, n, k, ap, bp, bbase, pstride, C, crs, tile):
         kc = min(kb, k - pc)
         beta = C.dtype.type(0) if pc == 0 else one
         for jr in range(0, n, NR):
-            for ir in range(0, m, mr):
-                _micro_kernel(kc, ap, ir * k + pc * mr, 1, mr, None, bp, bbase + (jr // NR) * pstride + pc * NR,
-                              None, tile, C, ir * crs + jr, crs, one, beta, True)
+            _micro_kernel(kc, ap, pc * mr, 1, mr, None, bp, bbase + (jr // NR) * pstride + pc * NR,
+                          None, tile, C, jr, crs, one, beta, True, _cdiv(m, mr), mr * k)
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
@@ -824,9 +833,8 @@ def tiles_a_rows(m, n, k, A, abase, arows, bp, C, crs, tile):
     for pc in range(0, k, kb):
         kc = min(kb, k - pc)
         for jr in range(0, n, NR):
-            for ir in range(0, m, mr):
-                _micro_kernel(kc, A, abase + pc, 0, 1, arows[ir:ir + mr], bp, jr * k + pc * NR, None,
-                              tile, C, ir * crs + jr, crs, one, one, True)
+            _micro_kernel(kc, A, abase + pc, 0, 1, arows, bp, jr * k + pc * NR, None,
+                          tile, C, jr, crs, one, one, True, _cdiv(m, mr), 0)
 
 
 @njit(inline="always")
@@ -870,17 +878,19 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp
     n0 = _in_place_cols(n, bcs)
     for jr in range(0, n, NR):
         nr = min(NR, n - jr)
-        for ir in range(i_lo, i_hi, mr):
-            i0 = min(ir, m - mr)
-            i_end = min(ir + mr, i_hi)
+        # one call site for both sources: each inlined copy of the tile costs seconds of compile
+        src, off, rows = (B, boff + jr, brows[:k]) if jr < n0 else (bp, (jr - n0) * k, brows[k:])
+        ir = i_lo
+        while ir < i_hi:  # whole tiles straight into C in one call, then a ragged one
+            n_full = (i_hi - ir) // mr if ccs == 1 and nr == NR else 0
+            nt = max(n_full, 1)
+            i0 = min(ir, m - mr)  # a ragged last block shifted up to end at row m
             cij = coff + i0 * crs + jr * ccs
-            to_c = ccs == 1 and i0 == ir and i_end == ir + mr and nr == NR
-            # one call site for both sources: each inlined copy of the tile costs seconds of compile
-            src, off, rows = (B, boff + jr, brows[:k]) if jr < n0 else (bp, (jr - n0) * k, brows[k:])
             _micro_kernel(k, A, aoff + i0 * ars, ars, acs, None, src, off, rows, tile, C, cij, crs,
-                          alpha, beta, to_c)
-            if not to_c:
-                _store_tile(tile, NR, ir - i0, i_end - i0, nr, C, cij, crs, ccs, alpha, beta)
+                          alpha, beta, n_full > 0, nt, mr * ars)
+            if n_full == 0:
+                _store_tile(tile, NR, ir - i0, min(ir + mr, i_hi) - i0, nr, C, cij, crs, ccs, alpha, beta)
+            ir += nt * mr
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)

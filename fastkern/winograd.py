@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._codegen import FMA, vectorized, zeros
-from .gemm import NR, _claim, _lanes, _micro_kernel, _stack_array, _tile_rows, _transpose_lanes
+from .gemm import NR, _cdiv, _claim, _lanes, _micro_kernel, _stack_array, _tile_rows, _transpose_lanes
 
 # Both channel counts are padded to NR in the GEMMs, so Winograd's 16/36 of the multiply-adds
 # become 16/36 * padded(C_in) * padded(C_out) / (C_in * C_out). Against the im2col path
@@ -399,14 +399,14 @@ def _tiles(m, n, k, a, aoff, ars, acs, b, boff, bstride, boffs, c, coff, crs, be
     panels (``bstride`` apart, k-major) when ``boffs`` is None, else rows at ``b[boff + boffs[p]]``."""
     mr = _tile_rows(a)
     one = c.dtype.type(1)
+    n_tiles = _cdiv(m, mr)
     for jr in range(0, n, NR):
-        for ir in range(0, m, mr):
-            if boffs is None:
-                _micro_kernel(k, a, aoff + ir * ars, ars, acs, None, b, boff + (jr // NR) * bstride, None, tile,
-                              c, coff + ir * crs + jr, crs, one, beta, True)
-            else:
-                _micro_kernel(k, a, aoff + ir * ars, ars, acs, None, b, boff + jr, boffs, tile,
-                              c, coff + ir * crs + jr, crs, one, beta, True)
+        if boffs is None:
+            _micro_kernel(k, a, aoff, ars, acs, None, b, boff + (jr // NR) * bstride, None, tile,
+                          c, coff + jr, crs, one, beta, True, n_tiles, mr * ars)
+        else:
+            _micro_kernel(k, a, aoff, ars, acs, None, b, boff + jr, boffs, tile,
+                          c, coff + jr, crs, one, beta, True, n_tiles, mr * ars)
 
 
 # ---------------------------------------------------------------------------
