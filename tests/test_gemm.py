@@ -191,12 +191,15 @@ def _call_gemm_serial(a, b, c, alpha, beta):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(3, 5, 2), (40, 300, 50), (9, 20, 300), (130, 200, 70)])
-def test_gemm_serial_inside_njit(dtype, shape):
+@pytest.mark.parametrize("c_layout", ["rows", "columns"])
+def test_gemm_serial_inside_njit(dtype, shape, c_layout):
+    # a column-major c has no row-contiguous tiles: every tile takes the masked write-back
     m, k, n = shape
     rng = np.random.default_rng(3)
     a = rng.standard_normal((k, m)).astype(dtype).T  # transposed view
     b = rng.standard_normal((k, n)).astype(dtype)
-    c = rng.standard_normal((m, n)).astype(dtype)
+    c = rng.standard_normal((m, n) if c_layout == "rows" else (n, m)).astype(dtype)
+    c = c if c_layout == "rows" else c.T
     ref = 2.0 * (a.astype(np.float64) @ b.astype(np.float64)) - 0.5 * c
     _call_gemm_serial(a, b, c, 2.0, -0.5)
     np.testing.assert_allclose(c, ref, rtol=0, atol=_tol(np.dtype(dtype), k, 6))
