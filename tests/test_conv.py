@@ -189,6 +189,29 @@ def test_bands_and_single_sample_split_agree_with_reference(monkeypatch):
     np.testing.assert_allclose(db, db2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("thread_bytes, band_rows", [(2048, 1), (24576, 2)])  # 9 rows: 9 x 1, 4 x 2 + 1
+def test_bands_over_several_samples_per_thread_through_relu_match_reference(thread_bytes, band_rows, monkeypatch):
+    # Bands of a few output rows and a shorter last one, several samples per thread, grad_y
+    # masked by a ReLU that differs per sample, scratch left full of NaN: every band must
+    # write its own positions and zeros, whatever an earlier sample or band left there.
+    monkeypatch.setattr(conv_mod, "_THREAD_BYTES", thread_bytes)
+    monkeypatch.setattr(conv_mod, "_FORCE", "wide")
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((5, 3, 9, 10))
+    w = rng.standard_normal((4, 3, 3, 3))
+    y = np.maximum(naive_conv(x, w, None, 1, 1, 1, 1), 0)
+    gy = rng.standard_normal(y.shape)
+    conv_mod.clear_workspaces()
+    conv_mod._workspace("backward", np.float64, fastkern.get_num_threads(), 1 << 12)[:] = np.nan
+    dx, dw, db = fastkern.conv2d_backward(gy, x, w, padding=1, activation="relu", output=y)
+    plan = list(conv_mod._CALLS.values())[-1].plan
+    assert plan.mode == conv_mod.WIDE and plan.rt == band_rows and plan.n_bands == -(-plan.rows // band_rows)
+    g = np.where(y > 0, gy, 0)
+    np.testing.assert_allclose(dx, naive_conv_grad_x(g, w, x.shape, 1, 1, 1, 1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw, naive_conv_grad_w(g, x, w, 1, padding=1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, g.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("stage_vectors", [8, 16, 24, 1 << 20])  # stages of 1, 2, 3, 6 samples
 def test_weight_gradient_over_staged_samples_matches_reference(stage_vectors, monkeypatch):
     # A narrow layer on the wide grid: its inner-product tiles reduce over several staged samples
