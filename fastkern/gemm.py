@@ -519,25 +519,30 @@ _narrow_registers = _stack_array(lambda dt: NARROW_MR * (64 * 8 // dt.bitwidth))
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
-def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, r_lo, r_hi, alpha, beta):
-    """Rows [r_lo, r_hi) x cols [0, n) of the NARROW_MR x lanes tile ``A[aoff + i*ars + p*acs] @ bp``.
+def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
+    """Rows [i_lo, i_hi) x cols [0, n) of ``A[aoff + i*ars + p*acs] @ bp`` (A has m >= NARROW_MR
+    rows), by NARROW_MR x lanes tiles; a ragged last tile is shifted up to end at row m.
 
     ``bp`` is a packed NR-wide B micro-panel (only its first ``lanes`` columns
     are read); n <= lanes. ``tile`` (>= NARROW_MR * lanes) takes the
-    accumulators for the masked write-back, which indexes at run time.
+    accumulators for the masked write-back, which indexes at run time. The
+    tiles share one call: its arguments cost as much as a short tile's steps.
     """
     vl = _lanes(A)
     acc = _narrow_registers(A)
-    for x in range(NARROW_MR * vl):
-        acc[x] = 0
-    for p in range(kc):
-        for i in range(NARROW_MR):
-            ai = A[np.uintp(aoff + p * acs + i * ars)]
-            for j in range(vl):
-                acc[i * vl + j] += ai * bp[p * NR + j]
-    for x in range(NARROW_MR * vl):
-        tile[x] = acc[x]
-    _store_tile(tile, vl, r_lo, r_hi, n, C, coff, crs, ccs, alpha, beta)
+    for ir in range(i_lo, i_hi, NARROW_MR):
+        i0 = min(ir, m - NARROW_MR)
+        ao = aoff + i0 * ars
+        for x in range(NARROW_MR * vl):
+            acc[x] = 0
+        for p in range(kc):
+            for i in range(NARROW_MR):
+                ai = A[np.uintp(ao + p * acs + i * ars)]
+                for j in range(vl):
+                    acc[i * vl + j] += ai * bp[p * NR + j]
+        for x in range(NARROW_MR * vl):
+            tile[x] = acc[x]
+        _store_tile(tile, vl, ir - i0, min(ir + NARROW_MR, i_hi) - i0, n, C, coff + i0 * crs, crs, ccs, alpha, beta)
 
 
 # --------------------------------------------------------------------------- #
@@ -870,10 +875,7 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp
     mr = _tile_rows(A)
     tile = _register_tile(A)
     if n <= _lanes(A) and m >= NARROW_MR:  # one vector of columns: the narrow tile
-        for ir in range(i_lo, i_hi, NARROW_MR):
-            i0 = min(ir, m - NARROW_MR)
-            _micro_kernel_narrow(k, A, aoff + i0 * ars, ars, acs, bp, tile, C, coff + i0 * crs, crs, ccs,
-                                 n, ir - i0, min(ir + NARROW_MR, i_hi) - i0, alpha, beta)
+        _micro_kernel_narrow(k, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta)
         return
     n0 = _in_place_cols(n, bcs)
     for jr in range(0, n, NR):
