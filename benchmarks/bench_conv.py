@@ -81,7 +81,7 @@ class TimeConv2d:
 
 
 class TimeConv2dWinogradAgainstIm2col:
-    """3x3 stride-1 layers by Winograd F(2x2, 3x3) (fastkern/winograd.py) and by the im2col GEMMs."""
+    """3x3 stride-1 layers by Winograd F(4x4, 3x3) (fastkern/winograd.py) and by the im2col GEMMs."""
 
     params = ([(64, 32, 16, 16, 64), (128, 64, 8, 8, 128), (32, 64, 32, 32, 64)], ["winograd", "im2col"],
               ["float32"], THREADS)

@@ -39,9 +39,9 @@ sample's positions are few, a thread stages the grids and grad_y of several
 samples and each inner-product tile reduces over all of them at once.
 
 A 3x3, stride-1 ``conv2d`` whose channels fill the micro-kernel's panels runs instead as
-Winograd F(2x2, 3x3), 16 GEMMs over transformed tiles (winograd.py, ``_winograd_forward``
-and ``_winograd_backward`` below): 16 multiply-adds per 2x2 output tile and channel pair
-where this path does 36.
+Winograd F(4x4, 3x3), 36 GEMMs over transformed tiles (winograd.py, ``_winograd_forward``
+and ``_winograd_backward`` below): 36 multiply-adds per 4x4 output tile and channel pair
+where this path does 144.
 
 The forward hands out samples (or bands of one, when there are fewer samples
 than threads) from a shared atomic counter as threads come free, so a core
@@ -93,7 +93,7 @@ _FORCE = None
 # force True (gathered) or False (folded).
 _FOLD_COST = 24
 _DX_GATHER = None
-# 3x3 stride-1 convs with enough channels (winograd.worthwhile) run as Winograd F(2x2, 3x3):
+# 3x3 stride-1 convs with enough channels (winograd.worthwhile) run as Winograd F(4x4, 3x3):
 # None picks that way; tests force False (never) or True (wherever the shape allows).
 _WINOGRAD = None
 
@@ -968,13 +968,13 @@ def _bad_indices(op, nbad, pool_indices):
 
 
 def _winograd_forward(call, x, weight, bias, relu, pooled, y, idx):
-    """conv2d by F(2x2, 3x3) (winograd.py) into ``y`` (and ``idx``, the pool's, with ``pooled``)."""
+    """conv2d by F(4x4, 3x3) (winograd.py) into ``y`` (and ``idx``, the pool's, with ``pooled``)."""
     p, dtype, n_threads = call.wino, call.dtype, call.n_threads
     n, c_out = call.y_shape[:2]
     b = np.zeros(p.cop, dtype)
     if bias is not None:
         b[:c_out] = bias
-    ut = np.empty((16, p.cop // NR, weight.shape[1], NR), dtype)
+    ut = np.empty((winograd.POSITIONS, p.cop // NR, weight.shape[1], NR), dtype)
     winograd._weight_panels(np.ascontiguousarray(weight), ut, True)
     ws = _workspace("winograd", dtype, n_threads, p.per_thread)
     iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
@@ -989,11 +989,11 @@ def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, p
     n, c_in = x.shape[:2]
     c_out = weight.shape[0]
     pooled = pool_indices is not None
-    u = np.empty((16, p.cip // NR, c_out, NR) if input_grad else (16, 1, 1, NR), dtype)
+    u = np.empty((winograd.POSITIONS, p.cip // NR, c_out, NR) if input_grad else (winograd.POSITIONS, 1, 1, NR), dtype)
     if input_grad:
         winograd._weight_panels(np.ascontiguousarray(weight), u, False)
     dx = np.empty(x.shape if input_grad else (0,) * 4, dtype)  # every element is written
-    du = np.zeros((n_threads, 16, p.coutr, p.cip), dtype)
+    du = np.zeros((n_threads, winograd.POSITIONS, p.coutr, p.cip), dtype)
     db = np.zeros((n_threads, p.cop), dtype)
     nbad = np.zeros(n_threads, np.int64)
     gy = np.ascontiguousarray(grad_y).reshape((n, c_out, -1))

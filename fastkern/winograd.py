@@ -1,11 +1,11 @@
-"""3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3), forward and backward.
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3), forward and backward.
 
-A 3x3 kernel on a 2x2 tile of outputs needs the tile's 4x4 input window ``d``:
+A 3x3 kernel on a 4x4 tile of outputs needs the tile's 6x6 input window ``d``:
 
-    Y = A^T [ (G g G^T) . (B^T d B) ] A        (``.`` elementwise, 16 products)
+    Y = A^T [ (G g G^T) . (B^T d B) ] A        (``.`` elementwise, 36 products)
 
-against 36 multiply-adds computed directly. Over all channels the 16
-elementwise products are 16 GEMMs, one per position xi of the 4x4 transform:
+against 144 multiply-adds computed directly. Over all channels the 36
+elementwise products are 36 GEMMs, one per position xi of the 6x6 transform:
 
 * forward:     ``M[xi] = V[xi] @ U[xi].T``    (tiles x C_in) @ (C_in x C_out)
 * grad weight: ``dU[xi] += dM[xi].T @ V[xi]``, with ``dM = A dY A^T`` per tile
@@ -13,10 +13,14 @@ elementwise products are 16 GEMMs, one per position xi of the 4x4 transform:
   onto the input (tiles overlap by two rows and columns)
 
 with ``U = G g G^T`` (once per call) and ``V = B^T d B`` per tile.
-That is 2.25x fewer multiply-adds than the im2col GEMMs of conv.py, for
+That is 4x fewer multiply-adds than the im2col GEMMs of conv.py, for
 transforms that cost O(channels x tiles), and channels padded to whole
-NR-wide panels (``worthwhile``). F(2x2, 3x3)'s transforms hold only 0, 1 and
-1/2, so float32 loses no more than a few ulps to them.
+NR-wide panels (``worthwhile``). F(2x2, 3x3) (16 GEMMs, 2.25x fewer) was
+this module's first form: its transforms were cheaper per tile, but it had
+four times the tiles, and at 32 x 64 and 64 x 128 channels F(4x4, 3x3) takes
+0.66-0.72x its forward + backward time. Its transforms' constants (up to 8,
+and 1/24 in G) cost float32 some accuracy: errors up to 3e-6 of the largest
+output or gradient, against up to 3e-7 by im2col (3 to 33 channels).
 
 Each thread works on whole samples, a chunk of them at a time: their tiles
 side by side as the GEMMs' columns, enough for full NR-wide tiles of the
@@ -24,8 +28,8 @@ micro-kernel (``_TARGET_TILES``) while V, M and dM stay in L2; a sample too
 large for that runs in bands of tile rows (``Plan``). The forward
 hands chunks out from a shared counter; the backward gives each thread a
 fixed share of the samples and its own partial dU, summed in thread order,
-so results are deterministic for a given thread count. The 2x2 output tiles
-are exactly the windows of a 2x2 stride-2 max pool, so the pool (and the
+so results are deterministic for a given thread count. Each 4x4 output tile
+holds four whole windows of a 2x2 stride-2 max pool, so the pool (and the
 ReLU) are fused into the forward's output transform and into the backward's
 reading of grad_y, as in conv.py.
 """
@@ -37,10 +41,11 @@ from numba import njit, prange
 from ._codegen import FMA, vectorized, zeros
 from .gemm import NR, _cdiv, _claim, _lanes, _micro_kernel, _stack_array, _tile_rows, _transpose_lanes
 
-# Both channel counts are padded to NR in the GEMMs, so Winograd's 16/36 of the multiply-adds
-# become 16/36 * padded(C_in) * padded(C_out) / (C_in * C_out). Against the im2col path
-# (float32 f+b, interleaved): 32 x 32 channels 0.55x the time, 24 x 48 0.81x, 48 x 48 0.69x;
-# 16 x 32 1.10x, 16 x 16 2.2x, 3 x 32 1.02x (a first layer, the transforms dominate).
+# Both channel counts are padded to NR in the GEMMs, so Winograd's 36/144 of the multiply-adds
+# become 36/144 * padded(C_in) * padded(C_out) / (C_in * C_out). Against the im2col path
+# (float32 f+b, interleaved), measured with F(2x2, 3x3): 32 x 32 channels 0.55x the time, 24 x 48
+# 0.81x, 48 x 48 0.69x; 16 x 32 1.10x, 16 x 16 2.2x, 3 x 32 1.02x (a first layer, the transforms
+# dominate).
 MAX_PADDING = 1.8
 
 
@@ -55,19 +60,76 @@ _TARGET_TILES = 128
 _CHUNK_BYTES = 1 << 20
 
 
-@njit(inline="always")
-def _g_of(a, b, c, half):
-    """G (a, b, c) for G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
-    return a, (a + b + c) * half, (a - b + c) * half, c
+# F(4x4, 3x3)'s matrices (Lavin and Gray), applied as the small sums below:
+#   B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+#          [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+#   G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]]
+#   A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+# Every constant is made in the arrays' dtype: a float64 literal would widen float32 arithmetic.
+TILE = 4  # outputs per tile side
+WINDOW = TILE + 2  # inputs per window side
+POSITIONS = WINDOW * WINDOW  # GEMMs per chunk
 
 
 @njit(inline="always")
-def _gt_of(a, b, c, d, half):
-    """G^T (a, b, c, d)."""
-    return a + (b + c) * half, (b - c) * half, (b + c) * half + d
+def _consts(x):
+    """(2, 4, 5, 8, 1/4, 1/6, 1/12, 1/24) in the dtype of array x."""
+    t = x.dtype.type
+    return t(2), t(4), t(5), t(8), t(0.25), t(1 / 6), t(1 / 12), t(1 / 24)
 
 
-# The 16 planes of U and dU are a multiple of 4 KiB apart: touching all 16 for one kernel puts
+@njit(inline="always")
+def _g_of(a, b, c, k):
+    """G (a, b, c)."""
+    q, s, tw, tf = k[4], k[5], k[6], k[7]
+    return a * q, -(a + b + c) * s, (b - a - c) * s, a * tf + b * tw + c * s, a * tf - b * tw + c * s, c
+
+
+@njit(inline="always")
+def _gt_of(a0, a1, a2, a3, a4, a5, k):
+    """G^T (a0 .. a5)."""
+    q, s, tw, tf = k[4], k[5], k[6], k[7]
+    s12, s34 = a1 + a2, a3 + a4
+    return a0 * q - s12 * s + s34 * tf, (a2 - a1) * s + (a3 - a4) * tw, (s34 - s12) * s + a5
+
+
+@njit(inline="always")
+def _bt_of(six, k):
+    """B^T (d0 .. d5)."""
+    d0, d1, d2, d3, d4, d5 = six
+    two, four, five = k[0], k[1], k[2]
+    return (four * d0 - five * d2 + d4, (d3 + d4) - four * (d1 + d2), (d4 - d3) + four * (d1 - d2),
+            (d4 - d2) + two * (d3 - d1), (d4 - d2) - two * (d3 - d1), four * d1 - five * d3 + d5)
+
+
+@njit(inline="always")
+def _b_of(six, k):
+    """B (v0 .. v5), the adjoint of _bt_of."""
+    v0, v1, v2, v3, v4, v5 = six
+    two, four, five = k[0], k[1], k[2]
+    return (four * v0, four * (v2 - v1 + v5) + two * (v4 - v3), -five * v0 - four * (v1 + v2) - (v3 + v4),
+            (v1 - v2) + two * (v3 - v4) - five * v5, v0 + v1 + v2 + v3 + v4, v5)
+
+
+@njit(inline="always")
+def _at_of(six, k):
+    """A^T (m0 .. m5)."""
+    m0, m1, m2, m3, m4, m5 = six
+    two, four, eight = k[0], k[1], k[3]
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return m0 + s12 + s34, d12 + two * d34, s12 + four * s34, d12 + eight * d34 + m5
+
+
+@njit(inline="always")
+def _a_of(y0, y1, y2, y3, k):
+    """A (y0 .. y3), the adjoint of _at_of."""
+    two, four = k[0], k[1]
+    s02, s13, far = y0 + y2, y1 + y3, y0 + four * y2
+    near = two * (y1 + four * y3)
+    return y0, s02 + s13, s02 - s13, far + near, far - near, y3
+
+
+# The planes of U and dU are a multiple of 4 KiB apart: touching all of them for one kernel puts
 # them in one L1 set, where they evict each other (70 ns a kernel). Both loops below take a vector
 # of kernels at a time instead, one whole cache line per plane.
 
@@ -76,76 +138,86 @@ def _gt_of(a, b, c, d, half):
 def _weight_panels(w, panels, by_out):
     """``U[xi] = (G g G^T)[xi]`` of each kernel g = w[co, ci] (3x3) into the micro-kernel's packed B,
     NR-column panels zero padded: with ``by_out`` U[xi].T (C_in x C_out) for the forward, panels
-    (16, C_out~/NR, C_in, NR), else U[xi] (C_out x C_in) for grad input, (16, C_in~/NR, C_out, NR)."""
+    (36, C_out~/NR, C_in, NR), else U[xi] (C_out x C_in) for grad input, (36, C_in~/NR, C_out, NR)."""
     vl = _lanes(w)
-    half = w.dtype.type(0.5)  # a float64 literal would widen float32 arithmetic
+    k = _consts(w)
     cout, cin = w.shape[0], w.shape[1]
     flat, out = w.reshape(-1), panels.reshape(-1)
-    u = _VECTORS16(w)
-    plane = panels.size // 16
+    u = _VECTORS36(w)
+    plane = panels.size // POSITIONS
     n_rows, n_lanes = (cin, cout) if by_out else (cout, cin)  # lanes: the panels' columns
     for row in range(n_rows):
         for l0 in range(0, -(-n_lanes // NR) * NR, vl):
             for e in range(vl):
                 co, ci = (l0 + e, row) if by_out else (row, l0 + e)
                 if l0 + e >= n_lanes:
-                    for x in range(16):
+                    for x in range(POSITIONS):
                         u[x * vl + e] = 0
                     continue
                 s = (co * cin + ci) * 9
-                r0 = _g_of(flat[_u(s)], flat[_u(s + 3)], flat[_u(s + 6)], half)  # G g, by columns of g
-                r1 = _g_of(flat[_u(s + 1)], flat[_u(s + 4)], flat[_u(s + 7)], half)
-                r2 = _g_of(flat[_u(s + 2)], flat[_u(s + 5)], flat[_u(s + 8)], half)
-                for r in range(4):
-                    g = _g_of(r0[r], r1[r], r2[r], half)  # (G g) G^T, row r
-                    for q in range(4):
-                        u[(4 * r + q) * vl + e] = g[q]
+                r0 = _g_of(flat[_u(s)], flat[_u(s + 3)], flat[_u(s + 6)], k)  # G g, by columns of g
+                r1 = _g_of(flat[_u(s + 1)], flat[_u(s + 4)], flat[_u(s + 7)], k)
+                r2 = _g_of(flat[_u(s + 2)], flat[_u(s + 5)], flat[_u(s + 8)], k)
+                for r in range(WINDOW):
+                    g = _g_of(r0[r], r1[r], r2[r], k)  # (G g) G^T, row r
+                    for q in range(WINDOW):
+                        u[(WINDOW * r + q) * vl + e] = g[q]
             o = ((l0 // NR) * n_rows + row) * NR + l0 % NR
-            for x in range(16):
+            for x in range(POSITIONS):
                 for e in range(vl):
                     out[_u(x * plane + o + e)] = u[x * vl + e]
 
 
 @njit(cache=True, _nrt=False)
 def _weight_gradient(du, grad_w):
-    """``grad_w[co, ci] = G^T dU G`` (3x3) with dU[xi] (16) the sum of the threads' partials
-    du (T, 16, C_out~, C_in~), added in thread order."""
+    """``grad_w[co, ci] = G^T dU G`` (3x3) with dU[xi] (36) the sum of the threads' partials
+    du (T, 36, C_out~, C_in~), added in thread order."""
     vl = _lanes(du)
+    k = _consts(du)
     cout, cin = grad_w.shape[0], grad_w.shape[1]
-    half = grad_w.dtype.type(0.5)
-    d = _VECTORS16(grad_w)  # dU of a vector of kernels
+    d = _VECTORS36(grad_w)  # dU of a vector of kernels
     flat, out = du.reshape(-1), grad_w.reshape(-1)
     plane = du.shape[2] * du.shape[3]
     for co in range(cout):
         for c0 in range(0, cin, vl):  # rows of du hold C_in~ >= c0 + vl entries
             s = co * du.shape[3] + c0
-            for x in range(16):
+            for x in range(POSITIONS):
                 for e in range(vl):
                     d[x * vl + e] = flat[_u(x * plane + s + e)]
                 for t in range(1, du.shape[0]):
                     for e in range(vl):
-                        d[x * vl + e] += flat[_u((t * 16 + x) * plane + s + e)]
+                        d[x * vl + e] += flat[_u((t * POSITIONS + x) * plane + s + e)]
             for e in range(min(vl, cin - c0)):
-                c_0 = _gt_of(d[e], d[4 * vl + e], d[8 * vl + e], d[12 * vl + e], half)  # G^T dU, by columns
-                c_1 = _gt_of(d[vl + e], d[5 * vl + e], d[9 * vl + e], d[13 * vl + e], half)
-                c_2 = _gt_of(d[2 * vl + e], d[6 * vl + e], d[10 * vl + e], d[14 * vl + e], half)
-                c_3 = _gt_of(d[3 * vl + e], d[7 * vl + e], d[11 * vl + e], d[15 * vl + e], half)
+                c_0 = _gt_of(d[e], d[6 * vl + e], d[12 * vl + e], d[18 * vl + e], d[24 * vl + e], d[30 * vl + e], k)
+                c_1 = _gt_of(d[vl + e], d[7 * vl + e], d[13 * vl + e], d[19 * vl + e], d[25 * vl + e],
+                             d[31 * vl + e], k)
+                c_2 = _gt_of(d[2 * vl + e], d[8 * vl + e], d[14 * vl + e], d[20 * vl + e], d[26 * vl + e],
+                             d[32 * vl + e], k)
+                c_3 = _gt_of(d[3 * vl + e], d[9 * vl + e], d[15 * vl + e], d[21 * vl + e], d[27 * vl + e],
+                             d[33 * vl + e], k)
+                c_4 = _gt_of(d[4 * vl + e], d[10 * vl + e], d[16 * vl + e], d[22 * vl + e], d[28 * vl + e],
+                             d[34 * vl + e], k)
+                c_5 = _gt_of(d[5 * vl + e], d[11 * vl + e], d[17 * vl + e], d[23 * vl + e], d[29 * vl + e],
+                             d[35 * vl + e], k)
                 o = (co * cin + c0 + e) * 9
                 for r in range(3):
-                    row = _gt_of(c_0[r], c_1[r], c_2[r], c_3[r], half)  # (G^T dU) G, row r
+                    row = _gt_of(c_0[r], c_1[r], c_2[r], c_3[r], c_4[r], c_5[r], k)  # (G^T dU) G, row r
                     for q in range(3):
                         out[_u(o + 3 * r + q)] = row[q]
 
 
 # ---------------------------------------------------------------------------
 # Layouts. Channels are innermost everywhere: the zero-bordered grid of a sample
-# (Hg, Wg, C~), V and dV (16, tiles~, C_in~), M and dM (16, tiles~, C_out~), with
+# (Hg, Wg, C~), V and dV (36, tiles~, C_in~), M and dM (36, tiles~, C_out~), with
 # C~ rounded up to NR and tiles~ to MR. Each tile's transform then runs on whole
 # vectors of channels (staged in stack arrays, so LLVM knows nothing aliases),
 # and the GEMMs read rows of tiles as A in place: the micro-kernel's strided-A
-# case, with the transformed weights packed as B once per call.
+# case, with the transformed weights packed as B once per call. Each transform
+# is two passes of a 6-point (or 4-point) sum, down the columns of the tile and
+# then along its rows, one lane of channels at a time.
 
-_VECTORS16 = _stack_array(lambda dt: 16 * 512 // dt.bitwidth)
+_VECTORS36 = _stack_array(lambda dt: POSITIONS * 512 // dt.bitwidth)
+_VECTORS16 = _stack_array(lambda dt: TILE * TILE * 512 // dt.bitwidth)
 
 
 @njit(inline="always")
@@ -154,41 +226,43 @@ def _u(i):
     return np.uintp(i)
 
 
+@njit(inline="always")
+def _six(a, x0, step, vl, e):
+    """Lane e of the six vectors x0, x0 + step, .. of stack array a."""
+    return (a[x0 * vl + e], a[(x0 + step) * vl + e], a[(x0 + 2 * step) * vl + e], a[(x0 + 3 * step) * vl + e],
+            a[(x0 + 4 * step) * vl + e], a[(x0 + 5 * step) * vl + e])
+
+
 @njit(cache=True, _nrt=False)
 def _input_transform(xg, wg, cp, i0, i1, tw, v, vbase, plane):
     """V[xi, t, :] = (B^T d B)[xi] (at ``vbase + xi*plane + t*cp``) for tile t = (i - i0)*tw + j of
-    tile rows [i0, i1), whose window d is rows 2i.. and columns 2j.. of the grid ``xg`` (Hg, wg, cp)."""
+    tile rows [i0, i1), whose window d is rows 4i.. and columns 4j.. of the grid ``xg`` (Hg, wg, cp)."""
     vl = _lanes(xg)
-    d = _VECTORS16(xg)
-    o = _VECTORS16(xg)
+    k = _consts(xg)
+    d = _VECTORS36(xg)
     for i in range(i0, i1):
         for j in range(tw):
-            s = (2 * i * wg + 2 * j) * cp
+            s = (TILE * i * wg + TILE * j) * cp
             t = vbase + ((i - i0) * tw + j) * cp
             for c0 in range(0, cp, vl):
-                for r in range(4):
-                    for q in range(4):
+                for r in range(WINDOW):
+                    for q in range(WINDOW):
                         src = s + (r * wg + q) * cp + c0
                         for e in range(vl):
-                            d[(4 * r + q) * vl + e] = xg[_u(src + e)]
+                            d[(WINDOW * r + q) * vl + e] = xg[_u(src + e)]
                 for e in range(vl):
-                    for q in range(4):  # rows: B^T d
-                        d0, d1, d2, d3 = d[q * vl + e], d[(4 + q) * vl + e], d[(8 + q) * vl + e], d[(12 + q) * vl + e]
-                        d[q * vl + e] = d0 - d2
-                        d[(4 + q) * vl + e] = d1 + d2
-                        d[(8 + q) * vl + e] = d2 - d1
-                        d[(12 + q) * vl + e] = d1 - d3
-                    for r in range(4):  # columns: (B^T d) B
-                        a0, a1, a2, a3 = (d[4 * r * vl + e], d[(4 * r + 1) * vl + e], d[(4 * r + 2) * vl + e],
-                                          d[(4 * r + 3) * vl + e])
-                        o[4 * r * vl + e] = a0 - a2
-                        o[(4 * r + 1) * vl + e] = a1 + a2
-                        o[(4 * r + 2) * vl + e] = a2 - a1
-                        o[(4 * r + 3) * vl + e] = a1 - a3
-                for x in range(16):
+                    for q in range(WINDOW):  # B^T d, down column q
+                        y = _bt_of(_six(d, q, WINDOW, vl, e), k)
+                        for r in range(WINDOW):
+                            d[(WINDOW * r + q) * vl + e] = y[r]
+                    for r in range(WINDOW):  # (B^T d) B, along row r
+                        y = _bt_of(_six(d, WINDOW * r, 1, vl, e), k)
+                        for q in range(WINDOW):
+                            d[(WINDOW * r + q) * vl + e] = y[q]
+                for x in range(POSITIONS):
                     dst = t + x * plane + c0
                     for e in range(vl):
-                        v[_u(dst + e)] = o[x * vl + e]
+                        v[_u(dst + e)] = d[x * vl + e]
 
 
 @njit(cache=True, _nrt=False)
@@ -205,6 +279,16 @@ def _transpose(src, soff, sld, rows, cols, dst, doff, dld):
             dst[doff + c * dld + r] = src[soff + r * sld + c]
 
 
+@njit(inline="always")
+def _pool_window(i, j, wnd, ph_, pw_, ow):
+    """Pool window wnd (of the 2x2) of output tile (i, j): whether it is whole (inside the pooled map,
+    (ph_, pw_)), its position in that map, its top-left output's slot in the tile (of 16) and
+    that output's index in the map, h*ow + w."""
+    wi, wj = wnd // 2, wnd % 2
+    pi, pj = (TILE // 2) * i + wi, (TILE // 2) * j + wj
+    return pi < ph_ and pj < pw_, pi * pw_ + pj, 2 * (TILE * wi + wj), 2 * (pi * ow + pj)
+
+
 @njit(cache=True, _nrt=False)
 def _output_transform(m, mbase, plane, cp, i0, i1, tw, oh, ow, bias, relu, pooled, yt, it):
     """Output tiles of tile rows [i0, i1) of one sample from M (tile t's at ``mbase + xi*plane + t*cp``,
@@ -213,64 +297,61 @@ def _output_transform(m, mbase, plane, cp, i0, i1, tw, oh, ow, bias, relu, poole
     indices it ((oh//2)*(ow//2), cp), with torch's winner (the first of ties, a NaN wins) and
     index h*ow + w. ``bias`` has cp entries."""
     vl = _lanes(m)
-    a = _VECTORS16(m)
+    k = _consts(m)
+    a = _VECTORS36(m)
+    y = _VECTORS16(m)
     zero = m.dtype.type(0)
     ph_, pw_ = oh // 2, ow // 2
+    half = TILE // 2
     for i in range(i0, i1):
         for j in range(tw):
             t = mbase + ((i - i0) * tw + j) * cp
-            o = 2 * i * ow + 2 * j
-            right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
-            if pooled and not (i < ph_ and j < pw_):
+            o = TILE * (i * ow + j)
+            if pooled and not (half * i < ph_ and half * j < pw_):
                 continue
             for c0 in range(0, cp, vl):
-                for x in range(16):
+                for x in range(POSITIONS):
                     src = t + x * plane + c0
                     for e in range(vl):
                         a[x * vl + e] = m[_u(src + e)]
                 for e in range(vl):  # A^T M A, plus bias, through the ReLU (NaN kept)
-                    for q in range(4):
-                        m0, m1, m2, m3 = a[q * vl + e], a[(4 + q) * vl + e], a[(8 + q) * vl + e], a[(12 + q) * vl + e]
-                        a[q * vl + e] = m0 + m1 + m2
-                        a[(4 + q) * vl + e] = m1 - m2 - m3
+                    for q in range(WINDOW):  # A^T M, down column q
+                        r4 = _at_of(_six(a, q, WINDOW, vl, e), k)
+                        for r in range(TILE):
+                            a[(WINDOW * r + q) * vl + e] = r4[r]
                     b = bias[c0 + e]
-                    for r in range(2):
-                        r0, r1, r2, r3 = (a[4 * r * vl + e], a[(4 * r + 1) * vl + e], a[(4 * r + 2) * vl + e],
-                                          a[(4 * r + 3) * vl + e])
-                        y0, y1 = r0 + r1 + r2 + b, r1 - r2 - r3 + b
-                        if relu:
-                            y0 = zero if y0 < zero else y0
-                            y1 = zero if y1 < zero else y1
-                        a[(8 + 2 * r) * vl + e] = y0
-                        a[(9 + 2 * r) * vl + e] = y1
-                if pooled:
-                    dst = (i * pw_ + j) * cp + c0
+                    for r in range(TILE):
+                        r4 = _at_of(_six(a, WINDOW * r, 1, vl, e), k)
+                        for q in range(TILE):
+                            yv = r4[q] + b
+                            if relu:
+                                yv = zero if yv < zero else yv
+                            y[(TILE * r + q) * vl + e] = yv
+                for wnd in range(4 if pooled else 0):
+                    whole, pooled_at, x0, ow0 = _pool_window(i, j, wnd, ph_, pw_, ow)
+                    if not whole:
+                        continue
+                    dst = pooled_at * cp + c0
                     for e in range(vl):
-                        best, off = a[8 * vl + e], o
-                        q01, q10, q11 = a[9 * vl + e], a[10 * vl + e], a[11 * vl + e]
+                        best, off = y[x0 * vl + e], ow0
+                        q01, q10, q11 = y[(x0 + 1) * vl + e], y[(x0 + TILE) * vl + e], \
+                            y[(x0 + TILE + 1) * vl + e]
                         if q01 > best or q01 != q01:
-                            best, off = q01, o + 1
+                            best, off = q01, ow0 + 1
                         if q10 > best or q10 != q10:
-                            best, off = q10, o + ow
+                            best, off = q10, ow0 + ow
                         if q11 > best or q11 != q11:
-                            best, off = q11, o + ow + 1
+                            best, off = q11, ow0 + ow + 1
                         yt[_u(dst + e)] = best
                         it[_u(dst + e)] = off
+                if pooled:
                     continue
-                for k in range(4):
-                    if (k % 2 == 0 or right) and (k < 2 or down):
-                        dst = (o + (k // 2) * ow + k % 2) * cp + c0
-                        for e in range(vl):
-                            yt[_u(dst + e)] = a[(8 + k) * vl + e]
-
-
-@njit(inline="always")
-def _row_of_adjoint(out, x0, vl, e, r0, r1):
-    """Row x0/4 of A dY A^T from that row of A dY, (r0, r1): lane e of vectors x0..x0+3."""
-    out[x0 * vl + e] = r0
-    out[(x0 + 1) * vl + e] = r0 + r1
-    out[(x0 + 2) * vl + e] = r0 - r1
-    out[(x0 + 3) * vl + e] = -r1
+                for r in range(TILE):
+                    for q in range(TILE):
+                        if TILE * i + r < oh and TILE * j + q < ow:
+                            dst = (o + r * ow + q) * cp + c0
+                            for e in range(vl):
+                                yt[_u(dst + e)] = y[(TILE * r + q) * vl + e]
 
 
 @njit(cache=True, _nrt=False)
@@ -282,57 +363,63 @@ def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, i0, i1, 
     its maximum, ``pit``. Adds each channel's sum to ``db``; returns how many pool indices were
     outside their window."""
     vl = _lanes(dm)
-    a = _VECTORS16(dm)  # the tile's dY (4 vectors of channels)
-    out = _VECTORS16(dm)
+    k = _consts(dm)
+    a = _VECTORS16(dm)  # the tile's dY (16 vectors of channels)
+    out = _VECTORS36(dm)
     zero = dm.dtype.type(0)
     ph_, pw_ = oh // 2, ow // 2
     bad = 0
     for i in range(i0, i1):
         for j in range(tw):
             t = mbase + ((i - i0) * tw + j) * cp
-            o = 2 * i * ow + 2 * j
-            right, down = 2 * j + 1 < ow, 2 * i + 1 < oh
-            window = i < ph_ and j < pw_
+            o = TILE * (i * ow + j)
             for c0 in range(0, cp, vl):
                 # branch-free lane loops (the branches are loop-invariant): each vectorizes
-                if pooled and window:
-                    src = (i * pw_ + j) * cp + c0
+                for x in range(TILE * TILE):
+                    r, q = x // TILE, x % TILE
+                    if pooled or not (TILE * i + r < oh and TILE * j + q < ow):
+                        for e in range(vl):
+                            a[x * vl + e] = zero
+                        continue
+                    src = (o + r * ow + q) * cp + c0
+                    if relu:
+                        for e in range(vl):
+                            g = gt[_u(src + e)]
+                            a[x * vl + e] = g if yrt[_u(src + e)] > zero else zero
+                    else:
+                        for e in range(vl):
+                            a[x * vl + e] = gt[_u(src + e)]
+                for wnd in range(4 if pooled else 0):
+                    whole, pooled_at, x0, ow0 = _pool_window(i, j, wnd, ph_, pw_, ow)
+                    if not whole:
+                        continue
+                    src = pooled_at * cp + c0
                     for e in range(vl):
                         g = gt[_u(src + e)]
                         if relu:
                             g = g if yrt[_u(src + e)] > zero else zero
-                        off = pit[_u(src + e)] - o
-                        a[e] = g if off == 0 else zero
-                        a[vl + e] = g if off == 1 else zero
-                        a[2 * vl + e] = g if off == ow else zero
-                        a[3 * vl + e] = g if off == ow + 1 else zero
+                        off = pit[_u(src + e)] - ow0
+                        a[x0 * vl + e] = g if off == 0 else zero
+                        a[(x0 + 1) * vl + e] = g if off == 1 else zero
+                        a[(x0 + TILE) * vl + e] = g if off == ow else zero
+                        a[(x0 + TILE + 1) * vl + e] = g if off == ow + 1 else zero
                         inside = (off == 0) | (off == 1) | (off == ow) | (off == ow + 1)
                         bad += 0 if inside | (c0 + e >= cout) else 1  # lanes past C_out hold no index
-                for k in range(4):
-                    whole = (k % 2 == 0 or right) and (k < 2 or down)
-                    if pooled or not whole:
-                        if not (pooled and window):
-                            for e in range(vl):
-                                a[k * vl + e] = zero
-                        continue
-                    src = (o + (k // 2) * ow + k % 2) * cp + c0
-                    if relu:
-                        for e in range(vl):
-                            g = gt[_u(src + e)]
-                            a[k * vl + e] = g if yrt[_u(src + e)] > zero else zero
-                    else:
-                        for e in range(vl):
-                            a[k * vl + e] = gt[_u(src + e)]
-                for e in range(vl):  # on its own: inside the loop below, db's updates stayed scalar
-                    db[c0 + e] += (a[e] + a[vl + e]) + (a[2 * vl + e] + a[3 * vl + e])
+                for x in range(TILE * TILE):  # on its own: inside the loop below, db's updates stayed scalar
+                    for e in range(vl):
+                        db[c0 + e] += a[x * vl + e]
                 for e in range(vl):
-                    g00, g01, g10, g11 = a[e], a[vl + e], a[2 * vl + e], a[3 * vl + e]
-                    # A dY A^T: rows (g0., g0. + g1., g0. - g1., -g1.), then the same on columns
-                    _row_of_adjoint(out, 0, vl, e, g00, g01)
-                    _row_of_adjoint(out, 4, vl, e, g00 + g10, g01 + g11)
-                    _row_of_adjoint(out, 8, vl, e, g00 - g10, g01 - g11)
-                    _row_of_adjoint(out, 12, vl, e, -g10, -g11)
-                for x in range(16):
+                    for q in range(TILE):  # A dY, down column q
+                        c6 = _a_of(a[q * vl + e], a[(TILE + q) * vl + e], a[(2 * TILE + q) * vl + e],
+                                   a[(3 * TILE + q) * vl + e], k)
+                        for r in range(WINDOW):
+                            out[(WINDOW * r + q) * vl + e] = c6[r]
+                    for r in range(WINDOW):  # (A dY) A^T, along row r
+                        c6 = _a_of(out[WINDOW * r * vl + e], out[(WINDOW * r + 1) * vl + e],
+                                   out[(WINDOW * r + 2) * vl + e], out[(WINDOW * r + 3) * vl + e], k)
+                        for q in range(WINDOW):
+                            out[(WINDOW * r + q) * vl + e] = c6[q]
+                for x in range(POSITIONS):
                     dst = t + x * plane + c0
                     for e in range(vl):
                         dm[_u(dst + e)] = out[x * vl + e]
@@ -342,54 +429,59 @@ def _grad_tiles(gt, yrt, relu, pooled, pit, dm, mbase, plane, cp, cout, i0, i1, 
 @njit(cache=True, _nrt=False)
 def _input_grad_tiles(dv, vbase, plane, cp, i0, i1, tw, dxg, wg):
     """Adds ``B dV B^T`` of each tile of rows [i0, i1) (dV[xi, t, :] at ``vbase + xi*plane + t*cp``,
-    t = (i - i0)*tw + j) onto its 4x4 window of the grad-input grid ``dxg`` (Hg, wg, cp); windows
+    t = (i - i0)*tw + j) onto its 6x6 window of the grad-input grid ``dxg`` (Hg, wg, cp); windows
     overlap, so tiles go in turn."""
     vl = _lanes(dv)
-    a = _VECTORS16(dv)
+    k = _consts(dv)
+    a = _VECTORS36(dv)
     for i in range(i0, i1):
         for j in range(tw):
             t = vbase + ((i - i0) * tw + j) * cp
-            s = (2 * i * wg + 2 * j) * cp
+            s = (TILE * i * wg + TILE * j) * cp
             for c0 in range(0, cp, vl):
-                for x in range(16):
+                for x in range(POSITIONS):
                     src = t + x * plane + c0
                     for e in range(vl):
                         a[x * vl + e] = dv[_u(src + e)]
                 for e in range(vl):
-                    for q in range(4):  # rows: B dV = (v0, v1 - v2 + v3, v1 + v2 - v0, -v3)
-                        v0, v1, v2, v3 = a[q * vl + e], a[(4 + q) * vl + e], a[(8 + q) * vl + e], a[(12 + q) * vl + e]
-                        a[q * vl + e] = v0
-                        a[(4 + q) * vl + e] = v1 - v2 + v3
-                        a[(8 + q) * vl + e] = v1 + v2 - v0
-                        a[(12 + q) * vl + e] = -v3
-                    for r in range(4):  # columns: the same, (B dV) B^T
-                        x0, x1, x2, x3 = (a[4 * r * vl + e], a[(4 * r + 1) * vl + e], a[(4 * r + 2) * vl + e],
-                                          a[(4 * r + 3) * vl + e])
-                        a[4 * r * vl + e] = x0
-                        a[(4 * r + 1) * vl + e] = x1 - x2 + x3
-                        a[(4 * r + 2) * vl + e] = x1 + x2 - x0
-                        a[(4 * r + 3) * vl + e] = -x3
-                for r in range(4):
-                    for q in range(4):
+                    for q in range(WINDOW):  # B dV, down column q
+                        y = _b_of(_six(a, q, WINDOW, vl, e), k)
+                        for r in range(WINDOW):
+                            a[(WINDOW * r + q) * vl + e] = y[r]
+                    for r in range(WINDOW):  # (B dV) B^T, along row r
+                        y = _b_of(_six(a, WINDOW * r, 1, vl, e), k)
+                        for q in range(WINDOW):
+                            a[(WINDOW * r + q) * vl + e] = y[q]
+                for r in range(WINDOW):
+                    for q in range(WINDOW):
                         dst = s + (r * wg + q) * cp + c0
                         for e in range(vl):
-                            dxg[_u(dst + e)] += a[(4 * r + q) * vl + e]
+                            dxg[_u(dst + e)] += a[(WINDOW * r + q) * vl + e]
 
 
 @njit(cache=True, _nrt=False)
-def _to_grid(x, xg, wg, cp, ph, pw):
-    """Interior of the zero-bordered, channels-last grid: x (C, H, W) at (ph, pw) of xg (Hg, wg, cp)."""
+def _to_grid(x, xg, wg, cp, ph, pw, stage):
+    """Interior of the zero-bordered, channels-last grid: x (C, H, W) at (ph, pw) of xg (Hg, wg, cp).
+    The whole sample is transposed at once into ``stage`` (H*W, cp), whose rows are long enough for
+    whole register blocks (an 8-wide map row is not), then copied in by rows of the map."""
     c, h, w = x.shape
+    _transpose(x.reshape(-1), 0, h * w, c, h * w, stage, 0, cp)
     for r in range(h):
-        _transpose(x.reshape(-1), r * w, h * w, c, w, xg, ((r + ph) * wg + pw) * cp, cp)
+        dst, src = ((r + ph) * wg + pw) * cp, r * w * cp
+        for e in range(w * cp):
+            xg[_u(dst + e)] = stage[_u(src + e)]
 
 
 @njit(cache=True, _nrt=False)
-def _from_grid(dxg, dx, wg, cp, ph, pw):
-    """dx (C, H, W) = the grid's interior at (ph, pw); the grid is zeroed for the next sample."""
+def _from_grid(dxg, dx, wg, cp, ph, pw, stage):
+    """dx (C, H, W) = the grid's interior at (ph, pw), through ``stage`` as in _to_grid; the grid
+    is zeroed for the next sample."""
     c, h, w = dx.shape
     for r in range(h):
-        _transpose(dxg, ((r + ph) * wg + pw) * cp, cp, w, c, dx.reshape(-1), r * w, h * w)
+        src, dst = ((r + ph) * wg + pw) * cp, r * w * cp
+        for e in range(w * cp):
+            stage[_u(dst + e)] = dxg[_u(src + e)]
+    _transpose(stage, 0, cp, h * w, c, dx.reshape(-1), 0, h * w)
     dxg[:] = dxg.dtype.type(0)
 
 
@@ -410,8 +502,8 @@ def _tiles(m, n, k, a, aoff, ars, acs, b, boff, bstride, boffs, c, coff, crs, be
 
 
 # ---------------------------------------------------------------------------
-# Drivers: per-thread scratch is grid | V | M | output (forward), or grid | V | dM |
-# dV | grad-input grid | grad_y | output (backward), then the micro-kernel's tile.
+# Drivers: per-thread scratch is grid | V | M | output | staging (forward), or grid | V | dM |
+# dV | grad-input grid | grad_y | output | staging (backward), then the micro-kernel's tile.
 
 
 @njit(inline="always")
@@ -429,25 +521,25 @@ def _cut(buf, o, n):
 
 
 @njit(cache=True, _nrt=False)
-def _transform_inputs(x, n0, n1, i0, i1, xg, v, geo):
+def _transform_inputs(x, n0, n1, i0, i1, xg, v, geo, stage):
     """V of tile rows [i0, i1) of samples [n0, n1) side by side: each sample copied into the grid
     (at its first band), then transformed."""
     ph, pw, _, _, _, tw, _, wg, _, tp, cip, _, _ = _geometry(geo)
     for n in range(n0, n1):
         if i0 == 0:
-            _to_grid(x[n], xg, wg, cip, ph, pw)
+            _to_grid(x[n], xg, wg, cip, ph, pw, stage)
         _input_transform(xg, wg, cip, i0, i1, tw, v, (n - n0) * (i1 - i0) * tw * cip, tp * cip)
 
 
 @njit(parallel=True, cache=True)
 def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads):
-    # x (N, C_in, H, W); ut (16, C_out~/NR, C_in, NR): U[xi].T in NR-column panels; bias (C_out~);
+    # x (N, C_in, H, W); ut (36, C_out~/NR, C_in, NR): U[xi].T in NR-column panels; bias (C_out~);
     # y (N, C_out, OH*OW), or with pooled (N, C_out, PH*PW) and pidx too; iws (T, >= PH*PW*C_out~)
     # int64 scratch; geo: see Plan
     n_samples, cin = x.shape[0], x.shape[1]
     cout, npos = y.shape[1], y.shape[2]
     ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt = _geometry(geo)
-    glen, vlen, mlen = hg * wg * cip, 16 * tp * cip, 16 * tp * cop
+    glen, vlen, mlen = hg * wg * cip, POSITIONS * tp * cip, POSITIONS * tp * cop
     n_units = -(-n_samples // per)
     claims = zeros(1, np.int64)
     zero = x.dtype.type(0)
@@ -456,9 +548,11 @@ def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads)
         v, o = _cut(ws[t], o, vlen)
         m, o = _cut(ws[t], o, mlen)
         yt, o = _cut(ws[t], o, npos * cop)  # one sample's output, channels last
+        stage, o = _cut(ws[t], o, glen)  # one sample's input, channels last
         tile = ws[t, o:]
         it = iws[t]
         xg[:] = zero
+        stage[:] = zero  # channels past C_in stay zero
         while True:
             u = _claim(claims, 0)
             if u >= n_units:
@@ -467,8 +561,8 @@ def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads)
             for i0 in range(0, th, bt):  # bands of tile rows (one band unless a sample is large)
                 i1 = min(th, i0 + bt)
                 band = (i1 - i0) * tw
-                _transform_inputs(x, n0, n1, i0, i1, xg, v, geo)
-                for xi in range(16):  # M[xi] (tiles x C_out) = V[xi] (tiles x C_in) @ U[xi].T
+                _transform_inputs(x, n0, n1, i0, i1, xg, v, geo, stage)
+                for xi in range(POSITIONS):  # M[xi] (tiles x C_out) = V[xi] (tiles x C_in) @ U[xi].T
                     _tiles((n1 - n0) * band, cout, cin, v, xi * tp * cip, cip, 1, ut[xi].reshape(-1), 0, cin * NR,
                            None, m, xi * tp * cop, cop, zero, tile)
                 for n in range(n0, n1):
@@ -482,13 +576,13 @@ def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads)
 
 @njit(parallel=True, cache=True)
 def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, ws, iws, voffs, geo, n_threads):
-    # gy, yr (N, C_out, OH*OW or PH*PW); x, dx (N, C_in, H, W); u (16, C_in~/NR, C_out, NR): U[xi]
-    # in NR-column panels; per-thread partials du (T, 16, C_out~, C_in~) and db (T, C_out~);
+    # gy, yr (N, C_out, OH*OW or PH*PW); x, dx (N, C_in, H, W); u (36, C_in~/NR, C_out, NR): U[xi]
+    # in NR-column panels; per-thread partials du (T, 36, C_out~, C_in~) and db (T, C_out~);
     # voffs: the rows of V (tile p at p*C_in~); geo as forward's
     n_samples, cin = x.shape[0], x.shape[1]
     cout, npos = gy.shape[1], gy.shape[2]
     ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt = _geometry(geo)
-    glen, vlen, mlen = hg * wg * cip, 16 * tp * cip, 16 * tp * cop
+    glen, vlen, mlen = hg * wg * cip, POSITIONS * tp * cip, POSITIONS * tp * cop
     coutr = du.shape[2]
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
@@ -500,9 +594,11 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
         dxg, o = _cut(ws[t], o, glen)
         gt, o = _cut(ws[t], o, npos * cop)  # one sample's grad_y and the forward's output, channels last
         yrt, o = _cut(ws[t], o, npos * cop)
+        stage, o = _cut(ws[t], o, glen)  # one sample's input or grad input, channels last
         tile = ws[t, o:]
         it = iws[t]
         xg[:] = zero
+        stage[:] = zero  # channels past C_in stay zero
         dxg[:] = zero
         gt[:] = zero  # channels past C_out stay zero
         lo, hi = t * n_samples // n_threads, (t + 1) * n_samples // n_threads
@@ -511,7 +607,7 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
             for i0 in range(0, th, bt):
                 i1 = min(th, i0 + bt)
                 band = (i1 - i0) * tw
-                _transform_inputs(x, n0, n1, i0, i1, xg, v, geo)
+                _transform_inputs(x, n0, n1, i0, i1, xg, v, geo, stage)
                 for n in range(n0, n1):
                     if i0 == 0:
                         _transpose(gy[n].reshape(-1), 0, npos, cout, npos, gt, 0, cop)
@@ -522,7 +618,7 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
                     nbad[t] += _grad_tiles(gt, yrt, relu, pooled, it, dm, (n - n0) * band * cop, tp * cop, cop, cout,
                                            i0, i1, tw, oh, ow, db[t])
                 rows = (n1 - n0) * band
-                for xi in range(16):
+                for xi in range(POSITIONS):
                     # grad weight: dU[xi] (C_out x C_in) += dM[xi].T @ V[xi], reduced over the tiles
                     _tiles(coutr, cin, rows, dm, xi * tp * cop, 1, cop, v, xi * tp * cip, 0, voffs,
                            du[t, xi].reshape(-1), 0, cip, one, tile)
@@ -533,7 +629,7 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
                     for n in range(n0, n1):
                         _input_grad_tiles(dv, (n - n0) * band * cip, tp * cip, cip, i0, i1, tw, dxg, wg)
                         if i1 == th:
-                            _from_grid(dxg, dx[n], wg, cip, ph, pw)
+                            _from_grid(dxg, dx[n], wg, cip, ph, pw, stage)
 
 
 for _kernel in (_weight_panels, _weight_gradient, _transpose, _input_transform, _output_transform, _grad_tiles,
@@ -552,7 +648,7 @@ def _round_up(a, b):
 
 
 class Plan:
-    """Tile grid, samples per chunk and scratch layout of one F(2x2, 3x3) conv call.
+    """Tile grid, samples per chunk and scratch layout of one F(4x4, 3x3) conv call.
 
     Several small samples make one chunk; a large one is split into bands of tile rows
     whose V, M and dM fit the chunk budget (its grid and channels-last grad_y stay whole).
@@ -562,8 +658,8 @@ class Plan:
 
     def __init__(self, n, c_in, c_out, pad, out, dtype, n_threads, backward, max_bytes=64 << 20):
         oh, ow = out
-        th, tw = -(-oh // 2), -(-ow // 2)
-        hg, wg = 2 * th + 2, 2 * tw + 2  # every tile's 4x4 window, zeros past the input
+        th, tw = -(-oh // TILE), -(-ow // TILE)
+        hg, wg = TILE * th + 2, TILE * tw + 2  # every tile's 6x6 window, zeros past the input
         mr = 8 if dtype == np.float32 else 4
         self.cip, self.cop = cip, cop = _round_up(c_in, NR), _round_up(c_out, NR)
         self.coutr = _round_up(c_out, mr)
@@ -575,7 +671,7 @@ class Plan:
 
         def chunk(tiles):  # the chunk's V, M (V, dM, dV), and its tile count rounded to MR
             tp = _round_up(tiles, mr)
-            return tp, 16 * tp * (2 * cip + cop if backward else cip + cop)
+            return tp, POSITIONS * tp * (2 * cip + cop if backward else cip + cop)
 
         budget = _CHUNK_BYTES // dtype.itemsize
         per = max(1, min(-(-_TARGET_TILES // tps), -(-n // n_threads)))
@@ -585,7 +681,7 @@ class Plan:
         while bt > 1 and chunk(bt * tw)[1] > budget:
             bt -= 1
         tp, floats = chunk(per * bt * tw)
-        whole = (2 * glen + 2 * npos * cop) if backward else (glen + npos * cop)  # grids, channels-last maps
+        whole = (3 * glen + 2 * npos * cop) if backward else (2 * glen + npos * cop)  # grids, staging, maps
         self.per_thread = floats + whole + mr * NR
         self.fits = floats <= budget and self.per_thread * dtype.itemsize * n_threads <= max_bytes
         self.geo = np.array([pad[0], pad[1], oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt], np.int64)
