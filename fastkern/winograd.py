@@ -86,8 +86,9 @@ def _g_of(a, b, c, k):
 
 
 @njit(inline="always")
-def _gt_of(a0, a1, a2, a3, a4, a5, k):
+def _gt_of(six, k):
     """G^T (a0 .. a5)."""
+    a0, a1, a2, a3, a4, a5 = six
     q, s, tw, tf = k[4], k[5], k[6], k[7]
     s12, s34 = a1 + a2, a3 + a4
     return a0 * q - s12 * s + s34 * tf, (a2 - a1) * s + (a3 - a4) * tw, (s34 - s12) * s + a5
@@ -134,30 +135,46 @@ def _a_of(y0, y1, y2, y3, k):
 # of kernels at a time instead, one whole cache line per plane.
 
 
+def weight_lanes(w, by_out):
+    """The kernels of w (C_out, C_in, 3, 3) as (9, rows, lanes~) for _weight_panels, lanes zero
+    padded to whole NR panels: (9, C_in, C_out~) with ``by_out``, else (9, C_out, C_in~). Lanes
+    then sit side by side, so the transform reads whole vectors (from w itself, each lane was a
+    gather, and the transform ran scalar: 170 us at 64 x 128 channels)."""
+    cout, cin = w.shape[:2]
+    g = w.reshape(cout, cin, 9).transpose(2, 1, 0) if by_out else w.reshape(cout, cin, 9).transpose(2, 0, 1)
+    wl = np.zeros(g.shape[:2] + (-(-g.shape[2] // NR) * NR,), w.dtype)
+    wl[:, :, :g.shape[2]] = g
+    return wl
+
+
+@njit(parallel=True, cache=True)
+def _weight_panels(wl, panels, n_threads):
+    """``U[xi] = (G g G^T)[xi]`` of each kernel g (3x3, from ``weight_lanes``) into the micro-kernel's
+    packed B, NR-column panels: U[xi].T (C_in x C_out) for the forward, panels (36, C_out~/NR,
+    C_in, NR), or U[xi] (C_out x C_in) for grad input, (36, C_in~/NR, C_out, NR). The threads
+    take rows in turn: one thread's stores into the 36 planes took as long as a chunk's GEMMs."""
+    n_rows = wl.shape[1]
+    for t in prange(n_threads):
+        _weight_panel_rows(wl, panels, t * n_rows // n_threads, (t + 1) * n_rows // n_threads)
+
+
 @njit(cache=True, _nrt=False)
-def _weight_panels(w, panels, by_out):
-    """``U[xi] = (G g G^T)[xi]`` of each kernel g = w[co, ci] (3x3) into the micro-kernel's packed B,
-    NR-column panels zero padded: with ``by_out`` U[xi].T (C_in x C_out) for the forward, panels
-    (36, C_out~/NR, C_in, NR), else U[xi] (C_out x C_in) for grad input, (36, C_in~/NR, C_out, NR)."""
-    vl = _lanes(w)
-    k = _consts(w)
-    cout, cin = w.shape[0], w.shape[1]
-    flat, out = w.reshape(-1), panels.reshape(-1)
-    u = _VECTORS36(w)
-    plane = panels.size // POSITIONS
-    n_rows, n_lanes = (cin, cout) if by_out else (cout, cin)  # lanes: the panels' columns
-    for row in range(n_rows):
-        for l0 in range(0, -(-n_lanes // NR) * NR, vl):
+def _weight_panel_rows(wl, panels, row0, row1):
+    """Rows [row0, row1) of _weight_panels."""
+    vl = _lanes(wl)
+    k = _consts(wl)
+    n_rows, n_lanes = wl.shape[1], wl.shape[2]
+    flat, out = wl.reshape(-1), panels.reshape(-1)
+    u = _VECTORS36(wl)
+    plane, kstep = panels.size // POSITIONS, n_rows * n_lanes
+    for row in range(row0, row1):
+        for l0 in range(0, n_lanes, vl):
+            s = row * n_lanes + l0
             for e in range(vl):
-                co, ci = (l0 + e, row) if by_out else (row, l0 + e)
-                if l0 + e >= n_lanes:
-                    for x in range(POSITIONS):
-                        u[x * vl + e] = 0
-                    continue
-                s = (co * cin + ci) * 9
-                r0 = _g_of(flat[_u(s)], flat[_u(s + 3)], flat[_u(s + 6)], k)  # G g, by columns of g
-                r1 = _g_of(flat[_u(s + 1)], flat[_u(s + 4)], flat[_u(s + 7)], k)
-                r2 = _g_of(flat[_u(s + 2)], flat[_u(s + 5)], flat[_u(s + 8)], k)
+                g9 = _nine(flat, s + e, kstep)
+                r0 = _g_of(g9[0], g9[3], g9[6], k)  # G g, by columns of g
+                r1 = _g_of(g9[1], g9[4], g9[7], k)
+                r2 = _g_of(g9[2], g9[5], g9[8], k)
                 for r in range(WINDOW):
                     g = _g_of(r0[r], r1[r], r2[r], k)  # (G g) G^T, row r
                     for q in range(WINDOW):
@@ -168,17 +185,33 @@ def _weight_panels(w, panels, by_out):
                     out[_u(x * plane + o + e)] = u[x * vl + e]
 
 
-@njit(cache=True, _nrt=False)
-def _weight_gradient(du, grad_w):
+@njit(inline="always")
+def _nine(flat, i, step):
+    """flat[i], flat[i + step], .. flat[i + 8*step]."""
+    return (flat[_u(i)], flat[_u(i + step)], flat[_u(i + 2 * step)], flat[_u(i + 3 * step)], flat[_u(i + 4 * step)],
+            flat[_u(i + 5 * step)], flat[_u(i + 6 * step)], flat[_u(i + 7 * step)], flat[_u(i + 8 * step)])
+
+
+@njit(parallel=True, cache=True)
+def _weight_gradient(du, grad_w, n_threads):
     """``grad_w[co, ci] = G^T dU G`` (3x3) with dU[xi] (36) the sum of the threads' partials
-    du (T, 36, C_out~, C_in~), added in thread order."""
+    du (T, 36, C_out~, C_in~), added in thread order. The threads take output channels in turn."""
+    cout = grad_w.shape[0]
+    for t in prange(n_threads):
+        _weight_gradient_rows(du, grad_w, t * cout // n_threads, (t + 1) * cout // n_threads)
+
+
+@njit(cache=True, _nrt=False)
+def _weight_gradient_rows(du, grad_w, co0, co1):
+    """Output channels [co0, co1) of _weight_gradient."""
     vl = _lanes(du)
     k = _consts(du)
-    cout, cin = grad_w.shape[0], grad_w.shape[1]
+    cin = grad_w.shape[1]
     d = _VECTORS36(grad_w)  # dU of a vector of kernels
+    res = _VECTORS36(grad_w)  # their gradients, 9 vectors
     flat, out = du.reshape(-1), grad_w.reshape(-1)
     plane = du.shape[2] * du.shape[3]
-    for co in range(cout):
+    for co in range(co0, co1):
         for c0 in range(0, cin, vl):  # rows of du hold C_in~ >= c0 + vl entries
             s = co * du.shape[3] + c0
             for x in range(POSITIONS):
@@ -187,23 +220,21 @@ def _weight_gradient(du, grad_w):
                 for t in range(1, du.shape[0]):
                     for e in range(vl):
                         d[x * vl + e] += flat[_u((t * POSITIONS + x) * plane + s + e)]
-            for e in range(min(vl, cin - c0)):
-                c_0 = _gt_of(d[e], d[6 * vl + e], d[12 * vl + e], d[18 * vl + e], d[24 * vl + e], d[30 * vl + e], k)
-                c_1 = _gt_of(d[vl + e], d[7 * vl + e], d[13 * vl + e], d[19 * vl + e], d[25 * vl + e],
-                             d[31 * vl + e], k)
-                c_2 = _gt_of(d[2 * vl + e], d[8 * vl + e], d[14 * vl + e], d[20 * vl + e], d[26 * vl + e],
-                             d[32 * vl + e], k)
-                c_3 = _gt_of(d[3 * vl + e], d[9 * vl + e], d[15 * vl + e], d[21 * vl + e], d[27 * vl + e],
-                             d[33 * vl + e], k)
-                c_4 = _gt_of(d[4 * vl + e], d[10 * vl + e], d[16 * vl + e], d[22 * vl + e], d[28 * vl + e],
-                             d[34 * vl + e], k)
-                c_5 = _gt_of(d[5 * vl + e], d[11 * vl + e], d[17 * vl + e], d[23 * vl + e], d[29 * vl + e],
-                             d[35 * vl + e], k)
-                o = (co * cin + c0 + e) * 9
+            for e in range(vl):  # every lane (those past C_in are not stored): it vectorizes
+                c_0 = _gt_of(_six(d, 0, WINDOW, vl, e), k)  # G^T dU, by columns
+                c_1 = _gt_of(_six(d, 1, WINDOW, vl, e), k)
+                c_2 = _gt_of(_six(d, 2, WINDOW, vl, e), k)
+                c_3 = _gt_of(_six(d, 3, WINDOW, vl, e), k)
+                c_4 = _gt_of(_six(d, 4, WINDOW, vl, e), k)
+                c_5 = _gt_of(_six(d, 5, WINDOW, vl, e), k)
                 for r in range(3):
-                    row = _gt_of(c_0[r], c_1[r], c_2[r], c_3[r], c_4[r], c_5[r], k)  # (G^T dU) G, row r
+                    row = _gt_of((c_0[r], c_1[r], c_2[r], c_3[r], c_4[r], c_5[r]), k)  # (G^T dU) G, row r
                     for q in range(3):
-                        out[_u(o + 3 * r + q)] = row[q]
+                        res[(3 * r + q) * vl + e] = row[q]
+            for e in range(min(vl, cin - c0)):
+                o = (co * cin + c0 + e) * 9
+                for x in range(9):
+                    out[_u(o + x)] = res[x * vl + e]
 
 
 # ---------------------------------------------------------------------------
@@ -632,7 +663,7 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
                             _from_grid(dxg, dx[n], wg, cip, ph, pw, stage)
 
 
-for _kernel in (_weight_panels, _weight_gradient, _transpose, _input_transform, _output_transform, _grad_tiles,
+for _kernel in (_weight_panels, _weight_panel_rows, _weight_gradient, _weight_gradient_rows, _transpose, _input_transform, _output_transform, _grad_tiles,
                 _input_grad_tiles, _to_grid,
                 _from_grid, _tiles, _transform_inputs,
                 _forward_kernel, _backward_kernel):
