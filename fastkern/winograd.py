@@ -43,10 +43,10 @@ from .gemm import NR, _cdiv, _claim, _lanes, _micro_kernel, _stack_array, _tile_
 
 # Both channel counts are padded to NR in the GEMMs, so Winograd's 36/144 of the multiply-adds
 # become 36/144 * padded(C_in) * padded(C_out) / (C_in * C_out). Against the im2col path
-# (float32 f+b, interleaved), measured with F(2x2, 3x3): 32 x 32 channels 0.55x the time, 24 x 48
-# 0.81x, 48 x 48 0.69x; 16 x 32 1.10x, 16 x 16 2.2x, 3 x 32 1.02x (a first layer, the transforms
-# dominate).
-MAX_PADDING = 1.8
+# (float32 f+b, 64 samples, 16 x 16 maps, interleaved): 32 x 16 channels 0.70x the time, 16 x 64
+# 0.82x, 16 x 32 0.83-0.98x (0.995x on 32 x 32 maps), all a padding of 2; 16 x 16 1.21x and a
+# 3-channel first layer 3.1x, where the transforms of mostly padding dominate.
+MAX_PADDING = 2.0
 
 
 def worthwhile(c_in, c_out):
