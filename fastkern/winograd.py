@@ -18,7 +18,7 @@ transforms that cost O(channels x tiles), and channels padded to whole
 NR-wide panels (``worthwhile``). F(2x2, 3x3) (16 GEMMs, 2.25x fewer) was
 this module's first form: its transforms were cheaper per tile, but it had
 four times the tiles, and at 32 x 64 and 64 x 128 channels F(4x4, 3x3) takes
-0.66-0.72x its forward + backward time. Its transforms' constants (up to 8,
+0.65-0.79x its forward + backward time. Its transforms' constants (up to 8,
 and 1/24 in G) cost float32 some accuracy: errors up to 3e-6 of the largest
 output or gradient, against up to 3e-7 by im2col (3 to 33 channels).
 
