@@ -975,7 +975,7 @@ def _winograd_forward(call, x, weight, bias, relu, pooled, y, idx):
     if bias is not None:
         b[:c_out] = bias
     ut = np.empty((winograd.POSITIONS, p.cop // NR, weight.shape[1], NR), dtype)
-    winograd._weight_panels(winograd.weight_lanes(weight, True), ut, n_threads)
+    winograd._weight_panels(winograd._weight_lanes(weight, True), ut, n_threads)
     ws = _workspace("winograd", dtype, n_threads, p.per_thread)
     iws = _workspace("winograd", np.int64, n_threads, p.index_len if pooled else 1)
     pidx = idx.reshape((n, c_out, -1)) if pooled else _NO_INDICES
@@ -991,7 +991,7 @@ def _winograd_backward(call, grad_y, x, weight, bias_grad, input_grad, output, p
     pooled = pool_indices is not None
     u = np.empty((winograd.POSITIONS, p.cip // NR, c_out, NR) if input_grad else (winograd.POSITIONS, 1, 1, NR), dtype)
     if input_grad:
-        winograd._weight_panels(winograd.weight_lanes(weight, False), u, n_threads)
+        winograd._weight_panels(winograd._weight_lanes(weight, False), u, n_threads)
     dx = np.empty(x.shape if input_grad else (0,) * 4, dtype)  # every element is written
     du = np.zeros((n_threads, winograd.POSITIONS, p.coutr, p.cip), dtype)
     db = np.zeros((n_threads, p.cop), dtype)

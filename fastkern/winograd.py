@@ -135,7 +135,7 @@ def _a_of(y0, y1, y2, y3, k):
 # of kernels at a time instead, one whole cache line per plane.
 
 
-def weight_lanes(w, by_out):
+def _weight_lanes(w, by_out):
     """The kernels of w (C_out, C_in, 3, 3) as (9, rows, lanes~) for _weight_panels, lanes zero
     padded to whole NR panels: (9, C_in, C_out~) with ``by_out``, else (9, C_out, C_in~). Lanes
     then sit side by side, so the transform reads whole vectors (from w itself, each lane was a
@@ -149,7 +149,7 @@ def weight_lanes(w, by_out):
 
 @njit(parallel=True, cache=True)
 def _weight_panels(wl, panels, n_threads):
-    """``U[xi] = (G g G^T)[xi]`` of each kernel g (3x3, from ``weight_lanes``) into the micro-kernel's
+    """``U[xi] = (G g G^T)[xi]`` of each kernel g (3x3, from ``_weight_lanes``) into the micro-kernel's
     packed B, NR-column panels: U[xi].T (C_in x C_out) for the forward, panels (36, C_out~/NR,
     C_in, NR), or U[xi] (C_out x C_in) for grad input, (36, C_in~/NR, C_out, NR). The threads
     take rows in turn: one thread's stores into the 36 planes took as long as a chunk's GEMMs."""

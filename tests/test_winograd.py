@@ -8,6 +8,7 @@ import fastkern
 from fastkern import conv as conv_mod
 from fastkern import winograd
 from fastkern.testing import gradcheck
+from fastkern.threads import max_threads
 
 from .test_conv import SETTINGS, naive_conv, naive_conv_grad_w
 
@@ -146,6 +147,23 @@ def test_results_are_deterministic_and_ignore_non_finite_workspaces(forced):
     again = [fastkern.conv2d(x, w, b, padding=1), *fastkern.conv2d_backward(gy, x, w, padding=1)]
     for a, r in zip(again, first):
         np.testing.assert_array_equal(a, r)
+
+
+@pytest.mark.skipif(max_threads() < 2, reason="needs two threads")
+def test_thread_count_changes_no_forward_bit_and_only_the_weight_gradients_sum_order(forced):
+    # the kernels' transforms are split over the threads by rows (odd counts here), the forward's
+    # chunks by samples: neither may change a result; the backward's per-thread partials of dU and
+    # the bias only change their summation order
+    x, w, b = _arrays(5, 5, 9, 7, 33, np.float32, 6)
+    gy = np.random.default_rng(7).standard_normal((5, 33, 9, 7)).astype(np.float32)
+    got = {}
+    for n in (1, 2):
+        with fastkern.threads(n):
+            got[n] = [fastkern.conv2d(x, w, b, padding=1), *fastkern.conv2d_backward(gy, x, w, padding=1)]
+    np.testing.assert_array_equal(got[2][0], got[1][0])
+    np.testing.assert_array_equal(got[2][1], got[1][1])  # grad input: each sample on one thread
+    for a, r in zip(got[2][2:], got[1][2:]):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
 
 
 def test_chosen_for_3x3_stride_1_layers_whose_channels_fill_the_panels():
