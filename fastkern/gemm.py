@@ -1064,6 +1064,12 @@ for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_ser
 # --------------------------------------------------------------------------- #
 # Python side: reusable workspaces, dispatch, public API.
 
+# Per shape, how gemm_into runs it: made once (the dispatch decisions and workspace lookups
+# cost 1 us of Python, a tenth of a 64x120x84 product) and kept until a workspace grows.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
 _WORKSPACES: dict = {}
 
 
@@ -1082,6 +1088,7 @@ def _workspace(dtype, a_elems, b_elems):
     if bbufs is None or bbufs.shape[1] < b_elems:
         bbufs = np.empty((nthreads, max(b_elems, 1)), dtype)
     _WORKSPACES[dtype] = (abufs, bbufs)
+    _PLANS.clear()  # plans hold the old buffers
     return abufs, bbufs
 
 
@@ -1097,6 +1104,7 @@ def _serial_workspace(dtype, a_elems, b_elems, n_rows):
               old[1] if old[1].size >= b_elems else np.empty(b_elems, dtype),
               old[2] if old[2].size >= n_rows else np.empty(n_rows, np.int64))
         _SERIAL_WORKSPACES[dtype] = ws
+        _PLANS.clear()
     return ws
 
 
@@ -1119,14 +1127,31 @@ def _kernel_scalars(dtype, alpha, beta):
             zero if beta == 0 else one if beta == 1 else dtype.type(beta))
 
 
+def _plan(m, n, k, brs, bcs, dtype, nthreads):
+    """(serial, scratch 1, scratch 2, scratch 3) of a product: the serial driver's (A block,
+    B panel, row offsets), or the parallel one's per-thread (A, B) buffers and None."""
+    mr = _mr(dtype)
+    direct = _direct_shape.py_func(m, n, k, mr, dtype.itemsize, brs, bcs)
+    if m * n * k <= SERIAL_WORK:
+        kb = KC * 4 // dtype.itemsize  # _k_block's
+        na, nb, nrows = _serial_scratch.py_func(m, n, k, mr, kb, direct)
+        return (True,) + _serial_workspace(dtype, na, nb, nrows)
+    if direct:
+        a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
+    else:
+        kc = min(k, KC)
+        a_elems, b_elems = _cdiv_py(min(m, MC), mr) * mr * kc, _cdiv_py(min(n, NC), NR) * NR * kc
+    return (False,) + _workspace(dtype, a_elems, b_elems) + (None,)
+
+
 def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     """``out = alpha * a @ b + beta * out`` with no validation (see module docstring)."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0:
         return out
-    alpha, beta = _kernel_scalars(out.dtype, alpha, beta)
-    fc = out.ravel()
+    dtype = out.dtype
+    alpha, beta = _kernel_scalars(dtype, alpha, beta)
     if k == 0:
         if beta == 0:
             out.fill(0)
@@ -1135,23 +1160,20 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
         return out
     fa, aoff, ars, acs = _flat_np(a)
     fb, boff, brs, bcs = _flat_np(b)
-    mr = _mr(out.dtype)
-    if m * n * k <= SERIAL_WORK:
-        kb = KC * 4 // out.itemsize  # _k_block's
-        direct = _direct_shape.py_func(m, n, k, mr, out.itemsize, brs, bcs)
-        na, nb, nrows = _serial_scratch.py_func(m, n, k, mr, kb, direct)
-        ap, bp, brows = _serial_workspace(out.dtype, na, nb, nrows)
-        _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, 0, n, 1, alpha, beta, ap, bp, brows)
-        return out
     nthreads = get_num_threads()
-    if _direct_shape.py_func(m, n, k, mr, out.itemsize, brs, bcs):
-        a_elems, b_elems = 0, k * _cdiv_py(n, NR) * NR
+    key = (m, n, k, brs, bcs, dtype, nthreads)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(m, n, k, brs, bcs, dtype, nthreads)
+    serial, w1, w2, w3 = plan
+    if serial:
+        _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, out.ravel(), 0, n, 1, alpha, beta,
+                          w1, w2, w3)
     else:
-        kc = min(k, KC)
-        a_elems, b_elems = _cdiv_py(min(m, MC), mr) * mr * kc, _cdiv_py(min(n, NC), NR) * NR * kc
-    abufs, bbufs = _workspace(out.dtype, a_elems, b_elems)
-    _gemm_flat_parallel(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, fc, alpha, beta,
-                        abufs, bbufs, nthreads)
+        _gemm_flat_parallel(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, out.ravel(), alpha, beta, w1, w2,
+                            nthreads)
     return out
 
 
@@ -1180,20 +1202,20 @@ def _plain_product(a, b, trans_a, trans_b, alpha, beta, out):
     untransposed float arrays of one dtype, float scalars, a matching C-contiguous
     ``out`` (or None) that owns its memory (so it cannot overlap inputs owning theirs),
     and no empty dimension. The full checks cost 2.5 us, a sixth of a 64x120x84 product."""
-    if not (type(a) is np.ndarray and type(b) is np.ndarray and trans_a is False and trans_b is False
-            and type(alpha) is float and type(beta) is float):
+    if type(a) is not np.ndarray or type(b) is not np.ndarray or type(alpha) is not float or type(beta) is not float \
+            or trans_a is not False or trans_b is not False:
         return False
     dt = a.dtype
-    if not ((dt is _F32 or dt is _F64) and b.dtype is dt and a.ndim == 2 and b.ndim == 2
-            and a.shape[1] == b.shape[0] and a.size and b.size and math.isfinite(alpha) and math.isfinite(beta)):
+    sa, sb = a.shape, b.shape
+    if (dt is not _F32 and dt is not _F64) or b.dtype is not dt or len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] \
+            or not (sa[0] and sa[1] and sb[1]) or not (math.isfinite(alpha) and math.isfinite(beta)):
         return False
     if out is None:
         return True
-    if not (type(out) is np.ndarray and out.dtype is dt and out.shape == (a.shape[0], b.shape[1])):
+    if type(out) is not np.ndarray or out.dtype is not dt or out.shape != (sa[0], sb[1]) or out is a or out is b:
         return False
-    fo, fa, fb = out.flags, a.flags, b.flags
-    return fo.c_contiguous and fo.writeable and fo.owndata and fa.owndata and fb.owndata and out is not a \
-        and out is not b
+    fo = out.flags
+    return fo.c_contiguous and fo.writeable and fo.owndata and a.flags.owndata and b.flags.owndata
 
 
 def matmul(a, b, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, out=None):

@@ -184,6 +184,18 @@ def test_repeated_calls_are_bitwise_identical_whichever_thread_takes_a_block():
     np.testing.assert_allclose(first, a.astype(np.float64) @ b, rtol=0, atol=_tol(np.dtype(np.float32), 600, 4))
 
 
+def test_a_shape_repeated_after_the_workspaces_grew_is_still_right():
+    # each shape's plan keeps its scratch buffers; a larger product replaces them
+    rng = np.random.default_rng(5)
+    shapes = [(64, 120, 84), (9, 20, 30), (700, 300, 500), (64, 120, 84), (9, 20, 30), (30, 600, 70)]
+    for dtype in ("float32", "float64"):
+        for m, k, n in shapes + shapes[::-1]:
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            np.testing.assert_allclose(fastkern.matmul(a, b), a.astype(np.float64) @ b, rtol=0,
+                                       atol=_tol(np.dtype(dtype), k, 4))
+
+
 @njit
 def _call_gemm_serial(a, b, c, alpha, beta):
     gemm.gemm_serial(a, b, c, alpha, beta)
