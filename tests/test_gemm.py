@@ -115,6 +115,23 @@ def test_direct_path_reads_b_in_place_or_packed(dtype, view, m, k, n):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m", [12, 13, 23, 25, 100, 3001])
+@pytest.mark.parametrize("n", [1, 4, 6, 8, 9, 16])
+def test_half_width_and_narrow_tiles_cover_every_row(dtype, m, n):
+    # N <= lanes/2 takes 12-row half-width tiles, N <= lanes 8-row narrow ones; a ragged last
+    # tile is shifted up and each thread's share ends mid-tile: every row written once, right
+    rng = np.random.default_rng(6)
+    a = _operand(rng, m, 30, dtype, "step")
+    b = _operand(rng, 30, n, dtype, "C")
+    out = rng.standard_normal((m, n)).astype(dtype)
+    ref = _reference(a, b, False, False, 1.0, 0.5, out)
+    for t in sorted({1, min(2, max_threads())}):
+        with fastkern.threads(t):
+            got = fastkern.matmul(a, b, beta=0.5, out=out.copy())
+        np.testing.assert_allclose(got, ref, rtol=0, atol=_tol(np.dtype(dtype), 30, 4.0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("m, k, n", [(64, 120, 84), (50, 9, 6), (300, 40, 20), (200, 600, 50)])
 def test_edge_panels_never_leak_the_columns_beside_b(dtype, m, k, n):
     # an edge panel of B is copied whole-width from B's buffer; the columns beside the
