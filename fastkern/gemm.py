@@ -518,31 +518,39 @@ NARROW_MR = 8
 _narrow_registers = _stack_array(lambda dt: NARROW_MR * (64 * 8 // dt.bitwidth))
 
 
-@njit(fastmath=_FAST, cache=True, _nrt=False)
-def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
-    """Rows [i_lo, i_hi) x cols [0, n) of ``A[aoff + i*ars + p*acs] @ bp`` (A has m >= NARROW_MR
-    rows), by NARROW_MR x lanes tiles; a ragged last tile is shifted up to end at row m.
+@njit(fastmath=_FAST, inline="always")
+def _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
+                  acc, rows, width):
+    """Rows [i_lo, i_hi) x cols [0, n) of ``A[aoff + i*ars + p*acs] @ bp`` (A has m >= ``rows``
+    rows) by rows x ``width`` tiles, row i's accumulators at ``acc[i*lanes:]``; a ragged last
+    tile is shifted up to end at row m.
 
-    ``bp`` is a packed NR-wide B micro-panel (only its first ``lanes`` columns
-    are read); n <= lanes. ``tile`` (>= NARROW_MR * lanes) takes the
-    accumulators for the masked write-back, which indexes at run time. The
-    tiles share one call: its arguments cost as much as a short tile's steps.
+    ``bp`` is a packed NR-wide B micro-panel (only its first ``width`` columns
+    are read); n <= width. ``tile`` (>= rows * lanes) takes the accumulators for
+    the masked write-back, which indexes at run time. The tiles share one call:
+    its arguments cost as much as a short tile's steps.
     """
     vl = _lanes(A)
-    acc = _narrow_registers(A)
-    for ir in range(i_lo, i_hi, NARROW_MR):
-        i0 = min(ir, m - NARROW_MR)
+    for ir in range(i_lo, i_hi, rows):
+        i0 = min(ir, m - rows)
         ao = aoff + i0 * ars
-        for x in range(NARROW_MR * vl):
+        for x in range(rows * vl):
             acc[x] = 0
         for p in range(kc):
-            for i in range(NARROW_MR):
+            for i in range(rows):
                 ai = A[np.uintp(ao + p * acs + i * ars)]
-                for j in range(vl):
+                for j in range(width):
                     acc[i * vl + j] += ai * bp[p * NR + j]
-        for x in range(NARROW_MR * vl):
+        for x in range(rows * vl):
             tile[x] = acc[x]
-        _store_tile(tile, vl, ir - i0, min(ir + NARROW_MR, i_hi) - i0, n, C, coff + i0 * crs, crs, ccs, alpha, beta)
+        _store_tile(tile, vl, ir - i0, min(ir + rows, i_hi) - i0, n, C, coff + i0 * crs, crs, ccs, alpha, beta)
+
+
+@njit(fastmath=_FAST, cache=True, _nrt=False)
+def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
+    """_column_tiles by NARROW_MR x lanes tiles (n <= lanes)."""
+    _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
+                  _narrow_registers(A), NARROW_MR, _lanes(A))
 
 
 # Half-width tile: at most half a vector of columns (N <= 8 in float32). These cores issue two
@@ -558,23 +566,9 @@ _half_registers = _stack_array(lambda dt: HALF_MR * (64 * 8 // dt.bitwidth))
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
 def _micro_kernel_half(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
-    """_micro_kernel_narrow by HALF_MR x lanes/2 tiles, for n <= lanes/2 (and m >= HALF_MR);
-    ``tile`` holds >= HALF_MR * lanes elements."""
-    vl = _lanes(A)
-    acc = _half_registers(A)
-    for ir in range(i_lo, i_hi, HALF_MR):
-        i0 = min(ir, m - HALF_MR)
-        ao = aoff + i0 * ars
-        for x in range(HALF_MR * vl):
-            acc[x] = 0
-        for p in range(kc):
-            for i in range(HALF_MR):
-                ai = A[np.uintp(ao + p * acs + i * ars)]
-                for j in range(vl // 2):
-                    acc[i * vl + j] += ai * bp[p * NR + j]
-        for x in range(HALF_MR * vl):
-            tile[x] = acc[x]
-        _store_tile(tile, vl, ir - i0, min(ir + HALF_MR, i_hi) - i0, n, C, coff + i0 * crs, crs, ccs, alpha, beta)
+    """_column_tiles by HALF_MR x lanes/2 tiles (n <= lanes/2)."""
+    _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
+                  _half_registers(A), HALF_MR, _lanes(A) // 2)
 
 
 # --------------------------------------------------------------------------- #
