@@ -520,37 +520,36 @@ _narrow_registers = _stack_array(lambda dt: NARROW_MR * (64 * 8 // dt.bitwidth))
 
 @njit(fastmath=_FAST, inline="always")
 def _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
-                  acc, rows, width):
+                  acc, rows, width, ld):
     """Rows [i_lo, i_hi) x cols [0, n) of ``A[aoff + i*ars + p*acs] @ bp`` (A has m >= ``rows``
-    rows) by rows x ``width`` tiles, row i's accumulators at ``acc[i*lanes:]``; a ragged last
+    rows) by rows x ``width`` tiles, row i's accumulators at ``acc[i*ld:]``; a ragged last
     tile is shifted up to end at row m.
 
     ``bp`` is a packed NR-wide B micro-panel (only its first ``width`` columns
-    are read); n <= width. ``tile`` (>= rows * lanes) takes the accumulators for
+    are read); n <= width. ``tile`` (>= rows * ld) takes the accumulators for
     the masked write-back, which indexes at run time. The tiles share one call:
     its arguments cost as much as a short tile's steps.
     """
-    vl = _lanes(A)
     for ir in range(i_lo, i_hi, rows):
         i0 = min(ir, m - rows)
         ao = aoff + i0 * ars
-        for x in range(rows * vl):
+        for x in range(rows * ld):
             acc[x] = 0
         for p in range(kc):
             for i in range(rows):
                 ai = A[np.uintp(ao + p * acs + i * ars)]
                 for j in range(width):
-                    acc[i * vl + j] += ai * bp[p * NR + j]
-        for x in range(rows * vl):
+                    acc[i * ld + j] += ai * bp[p * NR + j]
+        for x in range(rows * ld):
             tile[x] = acc[x]
-        _store_tile(tile, vl, ir - i0, min(ir + rows, i_hi) - i0, n, C, coff + i0 * crs, crs, ccs, alpha, beta)
+        _store_tile(tile, ld, ir - i0, min(ir + rows, i_hi) - i0, n, C, coff + i0 * crs, crs, ccs, alpha, beta)
 
 
 @njit(fastmath=_FAST, cache=True, _nrt=False)
 def _micro_kernel_narrow(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
     """_column_tiles by NARROW_MR x lanes tiles (n <= lanes)."""
     _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
-                  _narrow_registers(A), NARROW_MR, _lanes(A))
+                  _narrow_registers(A), NARROW_MR, _lanes(A), _lanes(A))
 
 
 # Half-width tile: at most half a vector of columns (N <= 8 in float32). These cores issue two
@@ -568,7 +567,19 @@ _half_registers = _stack_array(lambda dt: HALF_MR * (64 * 8 // dt.bitwidth))
 def _micro_kernel_half(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
     """_column_tiles by HALF_MR x lanes/2 tiles (n <= lanes/2)."""
     _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
-                  _half_registers(A), HALF_MR, _lanes(A) // 2)
+                  _half_registers(A), HALF_MR, _lanes(A) // 2, _lanes(A))
+
+
+# Three-quarter tile: an edge panel of B up to 1.5 vectors wide (the last 20 of 84 columns), as
+# one full and one half vector a row, three of the four 256-bit FMAs of a full NR-wide tile.
+_wide_registers = _stack_array(lambda dt: NARROW_MR * 2 * (64 * 8 // dt.bitwidth))
+
+
+@njit(fastmath=_FAST, cache=True, _nrt=False)
+def _micro_kernel_wide(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta):
+    """_column_tiles by NARROW_MR x 1.5 lanes tiles (n <= 1.5 lanes)."""
+    _column_tiles(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta,
+                  _wide_registers(A), NARROW_MR, _lanes(A) * 3 // 2, 2 * _lanes(A))
 
 
 # --------------------------------------------------------------------------- #
@@ -899,18 +910,22 @@ def _direct_rows(i_lo, i_hi, m, n, k, A, aoff, ars, acs, B, boff, bcs, brows, bp
     nothing to pad); only its new rows are written.
     """
     mr = _tile_rows(A)
+    vl = _lanes(A)
     tile = _register_tile(A)
-    if n <= _lanes(A) // 2 and m >= HALF_MR:  # half a vector of columns: the half-width tile
-        _micro_kernel_half(k, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta)
-        return
-    if n <= _lanes(A) and m >= NARROW_MR:  # one vector of columns: the narrow tile
-        _micro_kernel_narrow(k, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m, i_lo, i_hi, alpha, beta)
-        return
     n0 = _in_place_cols(n, bcs)
     for jr in range(0, n, NR):
         nr = min(NR, n - jr)
         # one call site for both sources: each inlined copy of the tile costs seconds of compile
         src, off, rows = (B, boff + jr, brows[:k]) if jr < n0 else (bp, (jr - n0) * k, brows[k:])
+        if nr <= 3 * vl // 2 and m >= NARROW_MR:  # a panel narrower than the tile (packed): a narrower tile
+            args = (k, A, aoff, ars, acs, bp[off:], tile, C, coff + jr * ccs, crs, ccs, nr, m, i_lo, i_hi, alpha, beta)
+            if nr <= vl // 2 and m >= HALF_MR:
+                _micro_kernel_half(*args)
+            elif nr <= vl:
+                _micro_kernel_narrow(*args)
+            else:
+                _micro_kernel_wide(*args)
+            continue
         ir = i_lo
         while ir < i_hi:  # whole tiles straight into C in one call, then a ragged one
             n_full = (i_hi - ir) // mr if ccs == 1 and nr == NR else 0
@@ -1086,7 +1101,8 @@ def gemm_serial(a, b, c, alpha, beta):
 
 for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel,
            _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, _pack_a, _pack_b_panel, _pack_b, _direct_pack,
-           tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow, _micro_kernel_half, _channel_panel):
+           tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow, _micro_kernel_half,
+           _micro_kernel_wide, _channel_panel):
     vectorized(_d)
 
 

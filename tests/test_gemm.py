@@ -116,10 +116,11 @@ def test_direct_path_reads_b_in_place_or_packed(dtype, view, m, k, n):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("m", [12, 13, 23, 25, 100, 3001])
-@pytest.mark.parametrize("n", [1, 4, 6, 8, 9, 16])
-def test_half_width_and_narrow_tiles_cover_every_row(dtype, m, n):
-    # N <= lanes/2 takes 12-row half-width tiles, N <= lanes 8-row narrow ones; a ragged last
-    # tile is shifted up and each thread's share ends mid-tile: every row written once, right
+@pytest.mark.parametrize("n", [1, 4, 6, 8, 9, 12, 16, 20, 24, 40, 52, 84])
+def test_half_width_narrow_and_wide_tiles_cover_every_row(dtype, m, n):
+    # a panel of B up to lanes/2 wide takes 12-row half-width tiles, up to lanes 8-row narrow
+    # ones, up to 1.5 lanes 8-row wide ones; a ragged last tile is shifted up and each thread's
+    # share ends mid-tile: every row written once, right
     rng = np.random.default_rng(6)
     a = _operand(rng, m, 30, dtype, "step")
     b = _operand(rng, 30, n, dtype, "C")
