@@ -570,7 +570,7 @@ def _micro_kernel_half(kc, A, aoff, ars, acs, bp, tile, C, coff, crs, ccs, n, m,
                   _half_registers(A), HALF_MR, _lanes(A) // 2, _lanes(A))
 
 
-# Three-quarter tile: an edge panel of B up to 1.5 vectors wide (the last 20 of 84 columns), as
+# 1.5-vector tile: an edge panel of B up to 1.5 vectors wide (the last 20 of 84 columns), as
 # one full and one half vector a row, three of the four 256-bit FMAs of a full NR-wide tile.
 _wide_registers = _stack_array(lambda dt: NARROW_MR * 2 * (64 * 8 // dt.bitwidth))
 
