@@ -214,6 +214,26 @@ def test_a_shape_repeated_after_the_workspaces_grew_is_still_right():
                                        atol=_tol(np.dtype(dtype), k, 4))
 
 
+def test_a_planned_shape_keeps_each_calls_scalars_and_layout():
+    # a shape's plan is remembered with its alpha and beta for C-contiguous operands: calls of
+    # that shape with other scalars, transposed operands or another thread count must not reuse it
+    rng = np.random.default_rng(6)
+    for m, k, n in [(64, 120, 84), (9, 20, 30)]:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        at = np.ascontiguousarray(a.T)
+        ref = a.astype(np.float64) @ b
+        tol = _tol(np.dtype(np.float32), k, 8)
+        c0 = rng.standard_normal((m, n)).astype(np.float32)
+        for threads in (1, 2):
+            with fastkern.threads(threads):
+                for alpha, beta in [(1.0, 0.0), (2.0, 0.0), (1.0, 1.0), (-0.5, 3.0), (1.0, 0.0)]:
+                    for trans in (False, True):
+                        out = c0.copy()
+                        got = fastkern.matmul(at if trans else a, b, trans_a=trans, alpha=alpha, beta=beta, out=out)
+                        np.testing.assert_allclose(got, alpha * ref + beta * c0, rtol=0, atol=abs(alpha) * tol + 1e-5)
+
+
 @njit
 def _call_gemm_serial(a, b, c, alpha, beta):
     gemm.gemm_serial(a, b, c, alpha, beta)
