@@ -90,8 +90,10 @@ _FORCE = None
 # Grad input on the wide grid, gathered as a transposed convolution costs one multiply-add per
 # (input channel, grid column, output channel, tap), against W.T @ dy plus its fold onto the grid,
 # about this many multiply-adds per (K row, column) added back; None picks by that cost, tests
-# force True (gathered) or False (folded).
-_FOLD_COST = 24
+# force True (gathered) or False (folded). Fit to interleaved A/B runs of both (float32, 2
+# threads): gathered 3-4% faster where the two costs break even at 7.5-7.9, folded 2.5-13%
+# faster at 8.2-17.5, LeNet5's second layer among them (16.1; its training step 1.22x).
+_FOLD_COST = 8
 _DX_GATHER = None
 # 3x3 stride-1 convs with enough channels (winograd.worthwhile) run as Winograd F(4x4, 3x3):
 # None picks that way; tests force False (never) or True (wherever the shape allows).
