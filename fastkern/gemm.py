@@ -1204,40 +1204,36 @@ def gemm_into(a, b, out, alpha=1.0, beta=0.0):
     nthreads = get_num_threads()
     dtype = out.dtype
     contiguous = a.flags.c_contiguous and b.flags.c_contiguous
-    if contiguous:  # the common call, planned with its scalars: 0.5 us less Python than below
-        plan = _CONTIGUOUS_PLANS.get((m, n, k, dtype, nthreads, alpha, beta))
-        if plan is not None:
-            serial, w1, w2, w3, alpha, beta = plan
-            if serial:
-                _gemm_flat_serial(m, n, k, a.ravel(), 0, k, 1, b.ravel(), 0, n, 1, out.ravel(), 0, n, 1,
-                                  alpha, beta, w1, w2, w3)
-            else:
-                _gemm_flat_parallel(m, n, k, a.ravel(), 0, k, 1, b.ravel(), 0, n, 1, out.ravel(), alpha, beta,
-                                    w1, w2, nthreads)
+    # the common call, planned with its scalars: 0.5 us less Python than the full lookup
+    plan = _CONTIGUOUS_PLANS.get((m, n, k, dtype, nthreads, alpha, beta)) if contiguous else None
+    if plan is not None:
+        serial, w1, w2, w3, alpha, beta = plan
+        fa, aoff, ars, acs = a.ravel(), 0, k, 1
+        fb, boff, brs, bcs = b.ravel(), 0, n, 1
+    else:
+        if m == 0 or n == 0:
             return out
-    if m == 0 or n == 0:
-        return out
-    scalars = _kernel_scalars(dtype, alpha, beta)
-    if k == 0:
-        if scalars[1] == 0:
-            out.fill(0)
-        else:
-            out *= scalars[1]
-        return out
-    fa, aoff, ars, acs = _flat_np(a)
-    fb, boff, brs, bcs = _flat_np(b)
-    key = (m, n, k, brs, bcs, dtype, nthreads)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _clear_plans()
-        plan = _PLANS[key] = _plan(m, n, k, brs, bcs, dtype, nthreads)
-    if contiguous:
-        if len(_CONTIGUOUS_PLANS) >= _MAX_PLANS:  # (many alphas, say)
-            _CONTIGUOUS_PLANS.clear()
-        _CONTIGUOUS_PLANS[(m, n, k, dtype, nthreads, alpha, beta)] = plan + scalars
-    serial, w1, w2, w3 = plan
-    alpha, beta = scalars
+        scalars = _kernel_scalars(dtype, alpha, beta)
+        if k == 0:
+            if scalars[1] == 0:
+                out.fill(0)
+            else:
+                out *= scalars[1]
+            return out
+        fa, aoff, ars, acs = _flat_np(a)
+        fb, boff, brs, bcs = _flat_np(b)
+        key = (m, n, k, brs, bcs, dtype, nthreads)
+        plan = _PLANS.get(key)
+        if plan is None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _clear_plans()
+            plan = _PLANS[key] = _plan(m, n, k, brs, bcs, dtype, nthreads)
+        if contiguous:
+            if len(_CONTIGUOUS_PLANS) >= _MAX_PLANS:  # (many alphas, say)
+                _CONTIGUOUS_PLANS.clear()
+            _CONTIGUOUS_PLANS[(m, n, k, dtype, nthreads, alpha, beta)] = plan + scalars
+        serial, w1, w2, w3 = plan
+        alpha, beta = scalars
     if serial:
         _gemm_flat_serial(m, n, k, fa, aoff, ars, acs, fb, boff, brs, bcs, out.ravel(), 0, n, 1, alpha, beta,
                           w1, w2, w3)
