@@ -540,9 +540,9 @@ def _tiles(m, n, k, a, aoff, ars, acs, b, boff, bstride, boffs, c, coff, crs, be
 @njit(inline="always")
 def _geometry(geo):
     """(pad h, pad w, OH, OW, tile rows, tile columns, grid Hg, Wg, samples per chunk,
-    tiles~ per chunk, C_in~, C_out~, tile rows per band): Plan.geo."""
+    tiles~ per chunk, C_in~, C_out~, tile rows per band, V's and M's plane strides): Plan.geo."""
     return (geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6], geo[7], geo[8], geo[9], geo[10], geo[11],
-            geo[12])
+            geo[12], geo[13], geo[14])
 
 
 @njit(inline="always")
@@ -555,11 +555,11 @@ def _cut(buf, o, n):
 def _transform_inputs(x, n0, n1, i0, i1, xg, v, geo, stage):
     """V of tile rows [i0, i1) of samples [n0, n1) side by side: each sample copied into the grid
     (at its first band), then transformed."""
-    ph, pw, _, _, _, tw, _, wg, _, tp, cip, _, _ = _geometry(geo)
+    ph, pw, _, _, _, tw, _, wg, _, _, cip, _, _, vpl, _ = _geometry(geo)
     for n in range(n0, n1):
         if i0 == 0:
             _to_grid(x[n], xg, wg, cip, ph, pw, stage)
-        _input_transform(xg, wg, cip, i0, i1, tw, v, (n - n0) * (i1 - i0) * tw * cip, tp * cip)
+        _input_transform(xg, wg, cip, i0, i1, tw, v, (n - n0) * (i1 - i0) * tw * cip, vpl)
 
 
 @njit(parallel=True, cache=True)
@@ -569,8 +569,8 @@ def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads)
     # int64 scratch; geo: see Plan
     n_samples, cin = x.shape[0], x.shape[1]
     cout, npos = y.shape[1], y.shape[2]
-    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt = _geometry(geo)
-    glen, vlen, mlen = hg * wg * cip, POSITIONS * tp * cip, POSITIONS * tp * cop
+    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt, vpl, mpl = _geometry(geo)
+    glen, vlen, mlen = hg * wg * cip, POSITIONS * vpl, POSITIONS * mpl
     n_units = -(-n_samples // per)
     claims = zeros(1, np.int64)
     zero = x.dtype.type(0)
@@ -594,10 +594,10 @@ def _forward_kernel(x, ut, bias, relu, pooled, y, pidx, ws, iws, geo, n_threads)
                 band = (i1 - i0) * tw
                 _transform_inputs(x, n0, n1, i0, i1, xg, v, geo, stage)
                 for xi in range(POSITIONS):  # M[xi] (tiles x C_out) = V[xi] (tiles x C_in) @ U[xi].T
-                    _tiles((n1 - n0) * band, cout, cin, v, xi * tp * cip, cip, 1, ut[xi].reshape(-1), 0, cin * NR,
-                           None, m, xi * tp * cop, cop, zero, tile)
+                    _tiles((n1 - n0) * band, cout, cin, v, xi * vpl, cip, 1, ut[xi].reshape(-1), 0, cin * NR,
+                           None, m, xi * mpl, cop, zero, tile)
                 for n in range(n0, n1):
-                    _output_transform(m, (n - n0) * band * cop, tp * cop, cop, i0, i1, tw, oh, ow, bias, relu, pooled,
+                    _output_transform(m, (n - n0) * band * cop, mpl, cop, i0, i1, tw, oh, ow, bias, relu, pooled,
                                       yt, it)
                     if i1 == th:
                         _transpose(yt, 0, cop, npos, cout, y[n].reshape(-1), 0, npos)
@@ -612,8 +612,8 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
     # voffs: the rows of V (tile p at p*C_in~); geo as forward's
     n_samples, cin = x.shape[0], x.shape[1]
     cout, npos = gy.shape[1], gy.shape[2]
-    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt = _geometry(geo)
-    glen, vlen, mlen = hg * wg * cip, POSITIONS * tp * cip, POSITIONS * tp * cop
+    ph, pw, oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt, vpl, mpl = _geometry(geo)
+    glen, vlen, mlen = hg * wg * cip, POSITIONS * vpl, POSITIONS * mpl
     coutr = du.shape[2]
     zero = x.dtype.type(0)
     one = x.dtype.type(1)
@@ -646,19 +646,19 @@ def _backward_kernel(gy, yr, relu, pooled, pidx, x, u, dx, do_dx, du, db, nbad, 
                             _transpose(yr[n].reshape(-1), 0, npos, cout, npos, yrt, 0, cop)
                         if pooled:
                             _transpose(pidx[n].reshape(-1), 0, npos, cout, npos, it, 0, cop)
-                    nbad[t] += _grad_tiles(gt, yrt, relu, pooled, it, dm, (n - n0) * band * cop, tp * cop, cop, cout,
+                    nbad[t] += _grad_tiles(gt, yrt, relu, pooled, it, dm, (n - n0) * band * cop, mpl, cop, cout,
                                            i0, i1, tw, oh, ow, db[t])
                 rows = (n1 - n0) * band
                 for xi in range(POSITIONS):
                     # grad weight: dU[xi] (C_out x C_in) += dM[xi].T @ V[xi], reduced over the tiles
-                    _tiles(coutr, cin, rows, dm, xi * tp * cop, 1, cop, v, xi * tp * cip, 0, voffs,
+                    _tiles(coutr, cin, rows, dm, xi * mpl, 1, cop, v, xi * vpl, 0, voffs,
                            du[t, xi].reshape(-1), 0, cip, one, tile)
                     if do_dx:  # grad input: dV[xi] (tiles x C_in) = dM[xi] @ U[xi]
-                        _tiles(rows, cin, cout, dm, xi * tp * cop, cop, 1, u[xi].reshape(-1), 0, cout * NR, None,
-                               dv, xi * tp * cip, cip, zero, tile)
+                        _tiles(rows, cin, cout, dm, xi * mpl, cop, 1, u[xi].reshape(-1), 0, cout * NR, None,
+                               dv, xi * vpl, cip, zero, tile)
                 if do_dx:
                     for n in range(n0, n1):
-                        _input_grad_tiles(dv, (n - n0) * band * cip, tp * cip, cip, i0, i1, tw, dxg, wg)
+                        _input_grad_tiles(dv, (n - n0) * band * cip, vpl, cip, i0, i1, tw, dxg, wg)
                         if i1 == th:
                             _from_grid(dxg, dx[n], wg, cip, ph, pw, stage)
 
@@ -675,6 +675,18 @@ for _kernel in (_weight_panels, _weight_panel_rows, _weight_gradient, _weight_gr
 
 def _round_up(a, b):
     return -(-a // b) * b
+
+
+def _odd_lines(floats, dtype):
+    """A plane stride of at least ``floats`` that is an odd number of 64-byte lines.
+
+    The transforms touch one line in each of the 36 planes per vector of channels; planes a
+    multiple of 4 KiB apart (128 tiles x 32 channels of float32) all fall in one 8-way L1 set
+    and evict each other. An odd line count is invertible mod the 64 sets: 36 different sets.
+    """
+    per_line = 64 // dtype.itemsize
+    lines = -(-floats // per_line)
+    return (lines + 1 - lines % 2) * per_line
 
 
 class Plan:
@@ -701,7 +713,8 @@ class Plan:
 
         def chunk(tiles):  # the chunk's V, M (V, dM, dV), and its tile count rounded to MR
             tp = _round_up(tiles, mr)
-            return tp, POSITIONS * tp * (2 * cip + cop if backward else cip + cop)
+            vpl, mpl = _odd_lines(tp * cip, dtype), _odd_lines(tp * cop, dtype)
+            return tp, POSITIONS * (2 * vpl + mpl if backward else vpl + mpl)
 
         budget = _CHUNK_BYTES // dtype.itemsize
         per = max(1, min(-(-_TARGET_TILES // tps), -(-n // n_threads)))
@@ -711,8 +724,9 @@ class Plan:
         while bt > 1 and chunk(bt * tw)[1] > budget:
             bt -= 1
         tp, floats = chunk(per * bt * tw)
+        vpl, mpl = _odd_lines(tp * cip, dtype), _odd_lines(tp * cop, dtype)
         whole = (3 * glen + 2 * npos * cop) if backward else (2 * glen + npos * cop)  # grids, staging, maps
         self.per_thread = floats + whole + mr * NR
         self.fits = floats <= budget and self.per_thread * dtype.itemsize * n_threads <= max_bytes
-        self.geo = np.array([pad[0], pad[1], oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt], np.int64)
+        self.geo = np.array([pad[0], pad[1], oh, ow, th, tw, hg, wg, per, tp, cip, cop, bt, vpl, mpl], np.int64)
         self.voffs = (np.arange(tp) * cip).astype(np.int64)
