@@ -20,6 +20,7 @@ the context). Compiles are serialized by Numba's compiler lock.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numba
 import numpy as np
@@ -87,15 +88,19 @@ _LAUNCH_LIBRARIES = ("parallelgufuncwrapper", "<numba.np.ufunc.wrappers._GufuncW
 
 @contextlib.contextmanager
 def _launchers_unoptimized():
-    """Skip LLVM's module optimization of the two launch wrappers' libraries.
+    """Skip LLVM's module optimization and machine code of the two launch wrappers' libraries.
 
     Every library re-optimizes all the code it links, so each wrapper would
-    optimize the loop body and all its kernels again, for machine code that
-    never runs (the driver's module holds the copy that does, and optimizes
-    it). Their own functions still get the per-function passes.
+    optimize the loop body and all its kernels again, and emit machine code
+    for them, that never runs: the driver's module holds the copy that does,
+    and optimizes it. Their own functions still get the per-function passes.
+    Nothing asks a wrapper library for a function pointer in a prange launch;
+    should anything do so, its machine code is made then (``_emit_deferred``).
     """
-    from numba.core.codegen import CPUCodeLibrary
+    from numba.core.codegen import CPUCodeLibrary, JITCodeLibrary
     original = CPUCodeLibrary._optimize_final_module
+    original_finalize = CPUCodeLibrary._finalize_final_module
+    original_pointer = JITCodeLibrary.get_pointer_to_function
 
     def optimize_final_module(self):
         if not self.name.startswith(_LAUNCH_LIBRARIES):
@@ -107,11 +112,37 @@ def _launchers_unoptimized():
         finally:
             numba.config.OPT = previous
 
+    def finalize_final_module(self):
+        if not self.name.startswith(_LAUNCH_LIBRARIES) or numba.config.DUMP_ASSEMBLY:
+            return original_finalize(self)
+        self._finalize_dynamic_globals()
+        self._verify_declare_only_symbols()
+        self._fastkern_deferred = True
+        self._finalized = True
+
+    def get_pointer_to_function(self, name):
+        _emit_deferred(self)
+        return original_pointer(self, name)
+
     CPUCodeLibrary._optimize_final_module = optimize_final_module
+    CPUCodeLibrary._finalize_final_module = finalize_final_module
+    JITCodeLibrary.get_pointer_to_function = get_pointer_to_function
     try:
         yield
     finally:
         CPUCodeLibrary._optimize_final_module = original
+        CPUCodeLibrary._finalize_final_module = original_finalize
+        JITCodeLibrary.get_pointer_to_function = original_pointer
+
+
+def _emit_deferred(library):
+    """Add a launch wrapper library whose machine code was skipped to the JIT engine after all."""
+    if library.__dict__.pop("_fastkern_deferred", False):
+        library._final_module.__library = weakref.proxy(library)
+        cleanup = library._codegen._add_module(library._final_module)
+        if cleanup:
+            weakref.finalize(library, cleanup)
+        library._finalize_specific()
 
 
 def thin_launch(dispatcher):

@@ -7,7 +7,7 @@ from numba import prange
 from numba.core import types
 
 import fastkern  # noqa: F401  (importing it wraps the package's kernels)
-from fastkern._codegen import plain_calls, thin_launch, zeros
+from fastkern._codegen import _launchers_unoptimized, plain_calls, thin_launch, zeros
 
 
 def _kernels():
@@ -46,6 +46,28 @@ def test_thin_launch_kernel_computes_what_numpy_does():
     out = np.zeros(37)
     assert kernel(x, out, 2) == 1
     np.testing.assert_allclose(out, x.sum(axis=1), rtol=1e-12)
+
+
+def test_a_launch_library_asked_for_a_pointer_still_gets_working_code():
+    import ctypes
+
+    import llvmlite.ir as ir
+
+    module = ir.Module(name="twice")
+    i64 = ir.IntType(64)
+    fn = ir.Function(module, ir.FunctionType(i64, [i64]), name="fastkern_test_twice")
+    builder = ir.IRBuilder(fn.append_basic_block())
+    builder.ret(builder.add(fn.args[0], fn.args[0]))
+    codegen = numba.core.registry.cpu_target.target_context.codegen()
+    from numba.core.compiler_lock import global_compiler_lock
+    with global_compiler_lock, _launchers_unoptimized():
+        library = codegen.create_library("parallelgufuncwrapper_test")
+        library.add_ir_module(module)
+        library.finalize()
+        assert library.__dict__.get("_fastkern_deferred")  # no machine code yet
+        address = library.get_pointer_to_function("fastkern_test_twice")
+    assert not library.__dict__.get("_fastkern_deferred")
+    assert ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(address)(21) == 42
 
 
 def test_no_kernel_is_compiled_for_literal_arguments():
