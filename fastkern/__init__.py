@@ -49,4 +49,13 @@ for _module in [m for name, m in _sys.modules.items() if name.startswith(__name_
     plain_calls_in(_module)
 del _module, _sys
 
+# While the kernels compile in the background, the ops a training step needs run on NumPy.
+from . import background, reference  # noqa: E402
+
+background._lock_cache_saves()
+
+for _name in reference.__all__:
+    globals()[_name] = background.tiered(_name, globals()[_name], getattr(reference, _name))
+del _name
+
 __version__ = "0.1.0"

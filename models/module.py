@@ -14,6 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 _rng = np.random.default_rng(0)
+_root, _root_runs = None, 0  # the first model run: its first step records the calls to compile (fastkern.background)
 
 
 def manual_seed(seed: int) -> None:
@@ -25,6 +26,23 @@ def manual_seed(seed: int) -> None:
 def get_rng(seed=None) -> np.random.Generator:
     """``default_rng(seed)`` for an explicit seed, else the global generator."""
     return _rng if seed is None else np.random.default_rng(seed)
+
+
+def _background_compile(module, x):
+    """The first model run records its ops' calls (on an empty Numba cache) and runs them on
+    NumPy; an optimizer step, or else the third run of that model, starts their compile."""
+    global _root, _root_runs
+    import fastkern
+    if _root is None:
+        _root, _root_runs = module, 1
+        dtype = getattr(x, "dtype", None)
+        if dtype in (np.float32, np.float64):
+            fastkern.background.start_recording(dtype)
+    elif module is _root:
+        _root_runs += 1
+        if _root_runs == 3 or not fastkern.background.recording():
+            fastkern.background.compile_recorded()
+            _root = False
 
 
 @contextlib.contextmanager
@@ -149,6 +167,8 @@ class Module:
 
     # -- running
     def __call__(self, x):
+        if _root is not False:
+            _background_compile(self, x)
         return self.forward(x)
 
     def forward(self, x):

@@ -63,6 +63,7 @@ class Optimizer:
         for i, p in enumerate(self.params):
             self.state[i]["step"] += 1
             self._update(i, p.array, p.grad)
+        fk.background.compile_recorded()  # a no-op unless the first step ran on NumPy
 
     def state_dict(self) -> dict:
         """``{"type", "lr", "initial_lr", "hyper", "state": [{"step": n, name: array, ...}]}``."""

@@ -259,7 +259,10 @@ def run(args) -> dict:
     print("preparing kernels (compiled on the first run, then loaded from Numba's cache)", file=log)
     t0 = time.perf_counter()
     warm_up(model, crit, ds.x_train, ds.y_train, args.batch_size)
-    print(f"kernels ready in {time.perf_counter() - t0:.2f} s", file=log)
+    if fastkern.background.compiling():
+        print("kernels compiling in the background (first run): the first steps run on NumPy", file=log)
+    else:
+        print(f"kernels ready in {time.perf_counter() - t0:.2f} s", file=log)
     test_loss, test_acc = float("nan"), float("nan")
     if history:
         test_loss, test_acc = history[-1]["test_loss"], history[-1]["test_accuracy"]
