@@ -10,6 +10,7 @@ Validation is the kernels' own (``_check_conv`` and the ``_checks`` helpers).
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ._checks import check_array, check_labels, check_same_dtype, check_shape
 __all__ = [
     "conv1d", "conv1d_backward", "conv2d", "conv2d_backward", "conv3d", "conv3d_backward",
     "linear", "linear_backward", "relu", "relu_backward", "bias_relu", "bias_relu_backward",
-    "softmax_cross_entropy", "sgd_update",
+    "softmax_cross_entropy", "sgd_update", "adam_update", "rmsprop_update",
 ]
 
 
@@ -209,12 +210,17 @@ def softmax_cross_entropy(logits, labels, reduction="mean"):
     return _reduce(losses, reduction, n, logits.dtype), (grad * _scale(reduction, n)).astype(logits.dtype)
 
 
-def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
-               nesterov=False, weight_decay=0.0, l1=0.0, first_step=False):
+def _param_grad(param, grad, weight_decay, l1):
+    """The parameter as a plain array, and the gradient with its penalties (none: as it is)."""
     check_same_dtype(param=param, grad=grad)
     check_shape(grad, param.shape, "grad", "the parameter's shape")
     p = param.view(np.ndarray)
-    d = grad + weight_decay * p + l1 * np.sign(p)
+    return p, (grad + weight_decay * p + l1 * np.sign(p)) if weight_decay or l1 else grad
+
+
+def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
+               nesterov=False, weight_decay=0.0, l1=0.0, first_step=False):
+    p, d = _param_grad(param, grad, weight_decay, l1)
     if momentum:
         if momentum_buffer is None:
             raise ValueError("momentum > 0 needs a momentum_buffer")
@@ -225,4 +231,39 @@ def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening
             momentum_buffer += (1 - dampening) * d
         d = d + momentum * momentum_buffer if nesterov else momentum_buffer
     p -= (lr * d).astype(p.dtype)
+    return param
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
+                beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=0.0,
+                l1=0.0, amsgrad=False):
+    p, g = _param_grad(param, grad, weight_decay, l1)
+    p *= p.dtype.type(1.0 - lr * decoupled_weight_decay)
+    exp_avg += (1 - beta1) * (g - exp_avg)
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * g * g
+    v = exp_avg_sq
+    if amsgrad:
+        v = np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+    denom = np.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps
+    p -= (lr / (1.0 - beta1 ** step)) * (exp_avg / denom)
+    return param
+
+
+def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e-2,
+                   alpha=0.99, eps=1e-8, weight_decay=0.0, l1=0.0, momentum=0.0, centered=False):
+    p, g = _param_grad(param, grad, weight_decay, l1)
+    square_avg *= alpha
+    square_avg += (1 - alpha) * g * g
+    if centered:
+        grad_avg += (1 - alpha) * (g - grad_avg)
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        momentum_buffer *= momentum
+        momentum_buffer += g / avg
+        p -= lr * momentum_buffer
+    else:
+        p -= lr * (g / avg)
     return param

@@ -91,3 +91,21 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, argv, message):
     r = _cli(*argv, "--out", str(tmp_path / "bad"))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_the_warm_up_step_leaves_weights_optimizer_and_statistics_as_they_were(opt_name):
+    import models
+    from models.train import warm_up
+    model = models.Sequential(models.Conv2d(1, 4, 3, activation="relu"), models.BatchNorm2d(4), models.Flatten(),
+                              models.Linear(4 * 6 * 6, 3))
+    opt = models.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name == "sgd" \
+        else models.Adam(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 1, 8, 8)).astype(np.float32), np.arange(5) % 3
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    warm_up(model, models.CrossEntropyLoss(), opt, x, y, 4)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert all(s == {"step": 0} for s in opt.state)
+    assert all(not p.grad.any() for p in model.parameters())

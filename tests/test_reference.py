@@ -111,3 +111,27 @@ def test_bad_arguments_get_the_kernels_errors():
     with pytest.raises(ValueError, match="grad_y has shape"):
         ref.linear_backward(np.zeros((2, 5), np.float32), np.zeros((2, 3), np.float32),
                             np.zeros((4, 3), np.float32))
+
+
+@pytest.mark.parametrize("kw", [dict(step=1), dict(step=3, weight_decay=0.1, amsgrad=True),
+                                dict(step=2, decoupled_weight_decay=0.05, l1=0.01)])
+def test_adam_matches_the_kernel(kw):
+    p, g = RNG.standard_normal(33).astype(np.float32), RNG.standard_normal(33).astype(np.float32)
+    states = [RNG.random(33).astype(np.float32) for _ in range(3)]
+    a, b = [p.copy()] + [s.copy() for s in states], [p.copy()] + [s.copy() for s in states]
+    ref.adam_update(a[0], g, *a[1:], lr=0.01, **kw)
+    fk.adam_update(b[0], g, *b[1:], lr=0.01, **kw)
+    for x, y in zip(a, b):
+        _close(x, y, np.float32)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(momentum=0.9, centered=True), dict(weight_decay=0.1, l1=0.01)])
+def test_rmsprop_matches_the_kernel(kw):
+    p, g = RNG.standard_normal(33).astype(np.float32), RNG.standard_normal(33).astype(np.float32)
+    states = [RNG.random(33).astype(np.float32) for _ in range(3)]
+    states[1] *= 0.1  # centered: grad_avg**2 below square_avg
+    a, b = [p.copy()] + [s.copy() for s in states], [p.copy()] + [s.copy() for s in states]
+    ref.rmsprop_update(a[0], g, *a[1:], lr=0.01, **kw)
+    fk.rmsprop_update(b[0], g, *b[1:], lr=0.01, **kw)
+    for x, y in zip(a, b):
+        _close(x, y, np.float32)
