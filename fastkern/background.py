@@ -190,11 +190,31 @@ def _value(spec):
     return np.lib.stride_tricks.as_strided(np.zeros(extent, dtype), shape, strides)
 
 
+def _window_corners(op, args, kwargs):
+    """Pool indices that pass the kernel's check (each window's top-left element), so that
+    a replayed conv backward runs to its end and compiles all it calls."""
+    import inspect
+
+    from .conv import _check_conv
+    bound = inspect.signature(op).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    _, _, _, (_, _, _, _, out) = _check_conv(2, a["x"], a["weight"], None, a["stride"], a["padding"],
+                                              a["dilation"], a["groups"], "conv2d_backward")
+    n, c, ph, pw = a["pool_indices"].shape
+    corners = 2 * np.arange(ph)[:, None] * out[1] + 2 * np.arange(pw)[None, :]
+    return np.ascontiguousarray(np.broadcast_to(corners, (n, c, ph, pw)), np.int64)
+
+
 def _replay():
     """A child's work: each recorded call once, on zeros of the recorded types."""
     import fastkern
     for name, args, kwargs in json.loads(sys.stdin.read()):
+        op = getattr(fastkern, name)
+        args, kwargs = list(map(_value, args)), {k: _value(v) for k, v in kwargs.items()}
         try:
-            getattr(fastkern, name)(*map(_value, args), **{k: _value(v) for k, v in kwargs.items()})
-        except (ValueError, TypeError, ZeroDivisionError):  # zeros are no valid pool indices, say;
-            pass  # the kernel has compiled by the time it finds out
+            if kwargs.get("pool_indices") is not None:
+                kwargs["pool_indices"] = _window_corners(op, args, kwargs)
+            op(*args, **kwargs)
+        except (ValueError, TypeError, ZeroDivisionError):  # a call that fails on zeros has
+            pass  # compiled what it reached; the rest compiles where it is first called

@@ -172,3 +172,15 @@ def test_calls_whose_arguments_json_cannot_hold_are_left_to_compile_here(cold, m
     assert background.compile_recorded()
     (child,) = FakeChild.started  # no conv calls: one child, sent the one call once
     assert child.calls() == json.loads(json.dumps([call]))
+
+
+def test_a_replayed_pooled_conv_backward_gets_indices_its_kernel_accepts():
+    x, w = np.zeros((2, 3, 11, 9), np.float32), np.zeros((4, 3, 3, 3), np.float32)
+    pooled, idx = fk.conv2d(x, w, padding=1, max_pool=2)
+    kwargs = dict(activation="relu", output=pooled, pool_indices=np.zeros_like(idx))
+    with pytest.raises(ValueError, match="outside"):
+        fk.conv2d_backward(np.zeros_like(pooled), x, w, 1, 1, **kwargs)
+    kwargs["pool_indices"] = background._window_corners(fk.conv2d_backward, (np.zeros_like(pooled), x, w, 1, 1),
+                                                        kwargs)
+    assert kwargs["pool_indices"][0, 0, 1, 2] == 2 * 9 + 4  # window (1, 2) of the 11 x 9 output
+    fk.conv2d_backward(np.zeros_like(pooled), x, w, 1, 1, **kwargs)
