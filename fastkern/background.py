@@ -42,6 +42,7 @@ except ImportError:  # not POSIX
 
 _recording = None  # the calls of the first step, while it runs on the NumPy versions
 _children = []  # the compiling child processes, until all have exited
+_on_numpy = 0  # depth of on_numpy() blocks
 
 
 def _lock_cache_saves():
@@ -150,12 +151,24 @@ def wait(timeout=None) -> None:
     _children.clear()
 
 
+@contextlib.contextmanager
+def on_numpy():
+    """Run the ops of :mod:`fastkern.reference` on NumPy inside the block, as while the
+    kernels compile (to time or test that path)."""
+    global _on_numpy
+    _on_numpy += 1
+    try:
+        yield
+    finally:
+        _on_numpy -= 1
+
+
 def tiered(name, kernel_op, numpy_op):
     """``kernel_op``, except that ``numpy_op`` runs (and is recorded) while the kernels compile."""
     @functools.wraps(kernel_op)
     def op(*args, **kwargs):
         if _recording is None and not _children:
-            return kernel_op(*args, **kwargs)
+            return numpy_op(*args, **kwargs) if _on_numpy else kernel_op(*args, **kwargs)
         if _recording is not None:
             _recording.append((name, [_spec(a) for a in args], {k: _spec(v) for k, v in kwargs.items()}))
         elif not compiling():

@@ -34,18 +34,26 @@ def _geometry(nd, x, weight, bias, stride, padding, dilation, groups, op):
 
 
 def _tap_slices(kernel, stride, dilation, out):
-    """For each kernel tap, the slice of the padded input it multiplies: (N, C, *out) views."""
+    """For each kernel tap, the slice of the padded input it multiplies: (C, N, *out) views."""
     for tap in itertools.product(*map(range, kernel)):
         yield (slice(None), slice(None)) + tuple(
             slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out))
 
 
+# Channels lead and the batch joins the positions, (G, C/G * taps, N * L), so that each
+# group's product is one 2-D BLAS call rather than N small ones.
+
+
 def _columns(x, groups, kernel, stride, lo, hi, dilation, out):
-    """im2col: (N, G, C/G * taps, L) in the weight's (C/G, *kernel) order."""
-    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(lo, hi)))
-    cols = np.stack([xp[s] for s in _tap_slices(kernel, stride, dilation, out)], axis=2)
-    n, c = x.shape[:2]
-    return cols.reshape(n, groups, (c // groups) * len(cols[0, 0]), -1)
+    """im2col: (G, C/G * taps, N * L) in the weight's (C/G, *kernel) order."""
+    xp = np.pad(x.transpose(1, 0, *range(2, x.ndim)), [(0, 0), (0, 0)] + list(zip(lo, hi)))
+    cols = np.stack([xp[s] for s in _tap_slices(kernel, stride, dilation, out)], axis=1)
+    return cols.reshape(groups, -1, cols[0, 0].size)
+
+
+def _channels_first(a):
+    """(N, C, ...) -> contiguous (C, N * L)."""
+    return np.ascontiguousarray(a.reshape(a.shape[0], a.shape[1], -1).transpose(1, 0, 2)).reshape(a.shape[1], -1)
 
 
 def _pool2(y):
@@ -69,8 +77,9 @@ def _conv(nd, x, weight, bias, stride, padding, dilation, groups, op, activation
     g, kernel, stride, lo, hi, dilation, out = _geometry(nd, x, weight, bias, stride, padding, dilation,
                                                          groups, op)
     cols = _columns(x, g, kernel, stride, lo, hi, dilation, out)
-    c_out = weight.shape[0]
-    y = np.matmul(weight.reshape(g, c_out // g, -1), cols).reshape((x.shape[0], c_out) + out)
+    n, c_out = x.shape[0], weight.shape[0]
+    y = np.matmul(weight.reshape(g, c_out // g, -1), cols).reshape(c_out, n, -1)
+    y = np.ascontiguousarray(y.transpose(1, 0, 2)).reshape((n, c_out) + out)
     if bias is not None:
         y += bias.reshape((1, c_out) + (1,) * nd)
     if activation == "relu":
@@ -85,7 +94,7 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
     g, kernel, stride, lo, hi, dilation, out = _geometry(nd, x, weight, None, stride, padding, dilation,
                                                          groups, op)
     check_same_dtype(grad_y=grad_y, x=x, weight=weight)
-    n, c_out = x.shape[0], weight.shape[0]
+    n, c_in, c_out = x.shape[0], x.shape[1], weight.shape[0]
     pooled_shape = (n, c_out) + tuple(o // 2 for o in out)
     check_shape(grad_y, (n, c_out) + out if pool_indices is None else pooled_shape, "grad_y",
                 "the forward's output" if pool_indices is None else "the 2x2 max pool of the output")
@@ -96,58 +105,59 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
         full = np.zeros((n, c_out, int(np.prod(out))), x.dtype)
         np.put_along_axis(full, pool_indices.reshape(n, c_out, -1), grad_y.reshape(n, c_out, -1), axis=2)
         grad_y = full.reshape((n, c_out) + out)
-    gy = grad_y.reshape(n, g, c_out // g, -1)
+    gy = _channels_first(grad_y).reshape(g, c_out // g, -1)
     cols = _columns(x, g, kernel, stride, lo, hi, dilation, out)
-    # sum over the batch as one BLAS product per group: (mg, N*L) @ (N*L, K)
-    grad_w = np.matmul(gy.transpose(1, 2, 0, 3).reshape(g, c_out // g, -1),
-                       cols.transpose(1, 0, 3, 2).reshape(g, -1, cols.shape[2])).reshape(weight.shape)
-    grad_b = grad_y.sum(axis=(0,) + tuple(range(2, nd + 2))).astype(x.dtype) if bias_grad else None
+    grad_w = np.matmul(gy, cols.transpose(0, 2, 1)).reshape(weight.shape)
+    grad_b = gy.reshape(c_out, -1).sum(axis=1) if bias_grad else None
     grad_x = None
     if input_grad:
         dcols = np.matmul(weight.reshape(g, c_out // g, -1).transpose(0, 2, 1), gy)
-        dcols = dcols.reshape((n, x.shape[1], len(list(_tap_slices(kernel, stride, dilation, out)))) + out)
-        dxp = np.zeros((n, x.shape[1]) + tuple(s + a + b for s, a, b in zip(x.shape[2:], lo, hi)), x.dtype)
+        dcols = dcols.reshape((c_in, -1, n) + out)
+        dxp = np.zeros((c_in, n) + tuple(s + a + b for s, a, b in zip(x.shape[2:], lo, hi)), x.dtype)
         for t, s in enumerate(_tap_slices(kernel, stride, dilation, out)):
-            dxp[s] += dcols[:, :, t]
-        grad_x = np.ascontiguousarray(dxp[(slice(None), slice(None)) + tuple(
-            slice(a, a + s) for a, s in zip(lo, x.shape[2:]))])
+            dxp[s] += dcols[:, t]
+        inner = dxp[(slice(None), slice(None)) + tuple(slice(a, a + s) for a, s in zip(lo, x.shape[2:]))]
+        grad_x = np.ascontiguousarray(inner.transpose(1, 0, *range(2, x.ndim)))
     return grad_x, grad_w, grad_b
 
 
-def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
-    return _conv(1, x, weight, bias, stride, padding, dilation, groups, "conv1d", activation)
+def _conv_pair(nd):
+    """conv{nd}d and its backward without the fused pool (which is 2-D only)."""
+    def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
+        return _conv(nd, x, weight, bias, stride, padding, dilation, groups, f"conv{nd}d", activation)
+
+    def conv_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
+                      input_grad=True, *, activation=None, output=None):
+        return _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
+                              f"conv{nd}d_backward", input_grad, activation, output)
+
+    conv.__name__, conv_backward.__name__ = f"conv{nd}d", f"conv{nd}d_backward"
+    conv.__doc__ = f"NumPy version of :func:`fastkern.conv{nd}d`."
+    conv_backward.__doc__ = f"NumPy version of :func:`fastkern.conv{nd}d_backward`."
+    return conv, conv_backward
 
 
-def conv1d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
-                    input_grad=True, *, activation=None, output=None):
-    return _conv_backward(1, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
-                          "conv1d_backward", input_grad, activation, output)
+conv1d, conv1d_backward = _conv_pair(1)
+conv3d, conv3d_backward = _conv_pair(3)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None, max_pool=None):
+    """NumPy version of :func:`fastkern.conv2d` (the fused max pool's indices included)."""
     return _conv(2, x, weight, bias, stride, padding, dilation, groups, "conv2d", activation, max_pool)
 
 
 def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
                     input_grad=True, *, activation=None, output=None, pool_indices=None):
+    """NumPy version of :func:`fastkern.conv2d_backward`."""
     return _conv_backward(2, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
                           "conv2d_backward", input_grad, activation, output, pool_indices)
-
-
-def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
-    return _conv(3, x, weight, bias, stride, padding, dilation, groups, "conv3d", activation)
-
-
-def conv3d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1, bias_grad=True,
-                    input_grad=True, *, activation=None, output=None):
-    return _conv_backward(3, grad_y, x, weight, stride, padding, dilation, groups, bias_grad,
-                          "conv3d_backward", input_grad, activation, output)
 
 
 # ---------------------------------------------------------------- linear and activations
 
 
 def linear(x, weight, bias=None):
+    """NumPy version of :func:`fastkern.linear`."""
     from .linear import _check_linear
     _check_linear(x, weight, bias)
     y = x @ weight.T
@@ -157,6 +167,7 @@ def linear(x, weight, bias=None):
 
 
 def linear_backward(grad_y, x, weight, bias_grad=True):
+    """NumPy version of :func:`fastkern.linear_backward`."""
     check_array(grad_y, "grad_y", 2)
     check_same_dtype(grad_y=grad_y, x=x, weight=weight)
     check_shape(grad_y, (x.shape[0], weight.shape[0]), "grad_y",
@@ -173,21 +184,25 @@ def _into(out, value):
 
 
 def relu(x, out=None):
+    """NumPy version of :func:`fastkern.relu`."""
     check_array(x, "x")
     return _into(out, np.maximum(x, 0))
 
 
 def relu_backward(grad_y, x, out=None):
+    """NumPy version of :func:`fastkern.relu_backward`."""
     check_same_dtype(grad_y=grad_y, x=x)
     return _into(out, np.where(x > 0, grad_y, 0).astype(x.dtype))
 
 
 def bias_relu(x, bias, out=None):
+    """NumPy version of :func:`fastkern.bias_relu`."""
     check_same_dtype(x=x, bias=bias)
     return _into(out, np.maximum(x + bias.reshape((1, -1) + (1,) * (x.ndim - 2)), 0))
 
 
 def bias_relu_backward(grad_y, y, out=None):
+    """NumPy version of :func:`fastkern.bias_relu_backward`."""
     check_same_dtype(grad_y=grad_y, y=y)
     gx = _into(out, np.where(y > 0, grad_y, 0).astype(y.dtype))
     return gx, gx.sum(axis=(0,) + tuple(range(2, y.ndim)))
@@ -197,6 +212,7 @@ def bias_relu_backward(grad_y, y, out=None):
 
 
 def softmax_cross_entropy(logits, labels, reduction="mean"):
+    """NumPy version of :func:`fastkern.softmax_cross_entropy`."""
     from .losses import _check_reduction, _reduce, _scale
     check_array(logits, "logits", 2)
     reduction = _check_reduction(reduction)
@@ -220,6 +236,7 @@ def _param_grad(param, grad, weight_decay, l1):
 
 def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
                nesterov=False, weight_decay=0.0, l1=0.0, first_step=False):
+    """NumPy version of :func:`fastkern.sgd_update`."""
     p, d = _param_grad(param, grad, weight_decay, l1)
     if momentum:
         if momentum_buffer is None:
@@ -237,6 +254,7 @@ def sgd_update(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
                 beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=0.0,
                 l1=0.0, amsgrad=False):
+    """NumPy version of :func:`fastkern.adam_update`."""
     p, g = _param_grad(param, grad, weight_decay, l1)
     p *= p.dtype.type(1.0 - lr * decoupled_weight_decay)
     exp_avg += (1 - beta1) * (g - exp_avg)
@@ -252,6 +270,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, 
 
 def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr=1e-2,
                    alpha=0.99, eps=1e-8, weight_decay=0.0, l1=0.0, momentum=0.0, centered=False):
+    """NumPy version of :func:`fastkern.rmsprop_update`."""
     p, g = _param_grad(param, grad, weight_decay, l1)
     square_avg *= alpha
     square_avg += (1 - alpha) * g * g
