@@ -41,8 +41,9 @@ KINDS = {
     "peakmem": re.compile(r"^(PeakMem[A-Z_].+)|(peakmem_.+)$"),
     "mem": re.compile(r"^(Mem[A-Z_].+)|(mem_.+)$"),
 }
-# Start-up benchmarks time a fresh interpreter; threads are not a parameter there.
-NO_THREADS_PARAM = {"bench_startup"}
+# Start-up benchmarks time a fresh interpreter, and the NumPy versions run on numpy's BLAS
+# pool, sized when numpy loads: threads are not a parameter there.
+NO_THREADS_PARAM = {"bench_startup", "bench_reference"}
 
 
 def _modules():
