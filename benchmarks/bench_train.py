@@ -58,4 +58,3 @@ class TrainStep:
 
     def peakmem_training_step(self, name, threads):
         self.step()
-
