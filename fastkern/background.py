@@ -12,7 +12,7 @@ kernels the step needs into the same on-disk cache this process reads. The NumPy
 versions stand in until both children exit; the first call after that loads the
 kernels from the cache in well under a second.
 
-Nothing of this happens when the cache already holds the conv kernels for the
+Nothing of this happens when the cache already holds the conv and GEMM drivers for the
 dtype, or with ``FASTKERN_BACKGROUND_COMPILE=0``; plain ``fastkern`` calls never
 start it. A child still compiling when this process exits finishes its work, so
 the next run starts warm. Each child is its own session, so the scheduler gives
@@ -77,14 +77,15 @@ def enabled() -> bool:
 
 
 def kernels_cached(dtype) -> bool:
-    """Whether the Numba cache holds the conv kernels (the slowest to compile) for ``dtype``.
+    """Whether the Numba cache holds the conv and GEMM drivers (the slowest to compile) for
+    ``dtype``: a model of convolutions or of linear layers alone then starts warm.
 
     True too when there is no cache to share (caching off), since a child's
     compile would then be lost.
     """
-    from . import conv
+    from . import conv, gemm
     name = np.dtype(dtype).name
-    for kernel in (conv._forward_kernel, conv._backward_kernel):
+    for kernel in (conv._forward_kernel, conv._backward_kernel, gemm._gemm_flat_parallel):
         cache_file = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
         if cache_file is None:
             return True

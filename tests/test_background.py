@@ -184,3 +184,12 @@ def test_a_replayed_pooled_conv_backward_gets_indices_its_kernel_accepts():
                                                         kwargs)
     assert kwargs["pool_indices"][0, 0, 1, 2] == 2 * 9 + 4  # window (1, 2) of the 11 x 9 output
     fk.conv2d_backward(np.zeros_like(pooled), x, w, 1, 1, **kwargs)
+
+
+
+def test_the_kernels_count_as_cached_once_compiled_and_saved():
+    x, w = np.ones((1, 2, 5, 5), np.float32), np.ones((2, 2, 3, 3), np.float32)
+    fk.conv.conv2d_backward(fk.conv.conv2d(x, w), x, w)  # compiled, or loaded from the cache
+    fk.matmul(np.ones((64, 300), np.float32), np.ones((300, 64), np.float32))
+    assert background.kernels_cached(np.float32)
+    assert not background.kernels_cached(np.float16)  # never compiled for it
