@@ -15,6 +15,9 @@ import math
 import numpy as np
 
 from ._checks import check_array, check_labels, check_same_dtype, check_shape
+from .conv import _check_conv
+from .linear import _check_linear
+from .losses import _check_reduction, _reduce, _scale
 
 __all__ = [
     "conv1d", "conv1d_backward", "conv2d", "conv2d_backward", "conv3d", "conv3d_backward",
@@ -27,7 +30,6 @@ __all__ = [
 
 
 def _geometry(nd, x, weight, bias, stride, padding, dilation, groups, op):
-    from .conv import _check_conv
     _, groups, kernel, (stride, lo, hi, dilation, out) = _check_conv(
         nd, x, weight, bias, stride, padding, dilation, groups, op)
     return groups, kernel, stride, lo, hi, dilation, out
@@ -158,7 +160,6 @@ def conv2d_backward(grad_y, x, weight, stride=1, padding=0, dilation=1, groups=1
 
 def linear(x, weight, bias=None):
     """NumPy version of :func:`fastkern.linear`."""
-    from .linear import _check_linear
     _check_linear(x, weight, bias)
     y = x @ weight.T
     if bias is not None:
@@ -213,7 +214,6 @@ def bias_relu_backward(grad_y, y, out=None):
 
 def softmax_cross_entropy(logits, labels, reduction="mean"):
     """NumPy version of :func:`fastkern.softmax_cross_entropy`."""
-    from .losses import _check_reduction, _reduce, _scale
     check_array(logits, "logits", 2)
     reduction = _check_reduction(reduction)
     n, c = logits.shape
