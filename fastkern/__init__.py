@@ -37,7 +37,9 @@ from .regularization import (  # noqa: F401,E402
 )
 
 # --- optimizer update kernels (optim.py) ---
-from .optim import adam_update, rmsprop_update, sgd_update  # noqa: F401,E402
+from .optim import (  # noqa: F401,E402
+    adam_update, adam_update_foreach, rmsprop_update, rmsprop_update_foreach, sgd_update, sgd_update_foreach,
+)
 
 from ._warmup import warmup  # noqa: F401,E402
 import sys as _sys  # noqa: E402

@@ -182,11 +182,14 @@ def tiered(name, kernel_op, numpy_op):
 
 
 def _spec(value):
-    """A JSON stand-in for an argument: arrays by type, shape and strides; tuples kept apart."""
+    """A JSON stand-in for an argument: arrays by type, shape and strides; tuples and lists
+    (the foreach updates' arrays) element by element."""
     if isinstance(value, np.ndarray):
         return {"array": value.dtype.str, "shape": value.shape, "strides": value.strides}
     if isinstance(value, tuple):
         return {"tuple": [_spec(v) for v in value]}
+    if isinstance(value, list):
+        return {"list": [_spec(v) for v in value]}
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -197,6 +200,8 @@ def _value(spec):
         return spec
     if "tuple" in spec:
         return tuple(_value(v) for v in spec["tuple"])
+    if "list" in spec:
+        return [_value(v) for v in spec["list"]]
     dtype, shape, strides = np.dtype(spec["array"]), tuple(spec["shape"]), tuple(spec["strides"])
     if any(s < 0 for s in strides) or 0 in shape:
         return np.zeros(shape, dtype)

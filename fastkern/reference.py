@@ -23,6 +23,7 @@ __all__ = [
     "conv1d", "conv1d_backward", "conv2d", "conv2d_backward", "conv3d", "conv3d_backward",
     "linear", "linear_backward", "relu", "relu_backward", "bias_relu", "bias_relu_backward",
     "softmax_cross_entropy", "sgd_update", "adam_update", "rmsprop_update",
+    "sgd_update_foreach", "adam_update_foreach", "rmsprop_update_foreach",
 ]
 
 
@@ -286,3 +287,26 @@ def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None,
     else:
         p -= lr * (g / avg)
     return param
+
+
+def _foreach(update, params, *lists, **scalars):
+    """``update`` on each parameter in turn, its i-th array of every list (None: an unused state)."""
+    lists = [[None] * len(params) if lst is None else lst for lst in lists]
+    for i, p in enumerate(params):
+        update(p, *(lst[i] for lst in lists), **scalars)
+    return params
+
+
+def sgd_update_foreach(params, grads, momentum_buffers=None, **scalars):
+    """NumPy version of :func:`fastkern.sgd_update_foreach`."""
+    return _foreach(sgd_update, params, grads, momentum_buffers, **scalars)
+
+
+def adam_update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, **scalars):
+    """NumPy version of :func:`fastkern.adam_update_foreach`."""
+    return _foreach(adam_update, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **scalars)
+
+
+def rmsprop_update_foreach(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, **scalars):
+    """NumPy version of :func:`fastkern.rmsprop_update_foreach`."""
+    return _foreach(rmsprop_update, params, grads, square_avgs, grad_avgs, momentum_buffers, **scalars)

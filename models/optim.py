@@ -1,8 +1,8 @@
 """Optimizers (SGD, Adam, AdamW, RMSprop) and LR schedules (StepLR, CosineAnnealingLR).
 
-torch.optim's update formulas and defaults; each ``step()`` runs one fused
-fastkern kernel per parameter (``fastkern.sgd_update`` etc.), so there are no
-per-step temporaries. All parameters form a single group with one ``lr``.
+torch.optim's update formulas and defaults; each ``step()`` is one foreach call
+(``fastkern.sgd_update_foreach`` etc.: the scalars checked once, then one fused
+kernel per parameter), so there are no per-step temporaries. All parameters form a single group with one ``lr``.
 
 Regularization on every optimizer: ``weight_decay`` (torch's meaning: coupled
 L2 for SGD/Adam/RMSprop, decoupled for AdamW), plus ``l1`` and ``l2`` that add
@@ -60,10 +60,22 @@ class Optimizer:
         return st[name]
 
     def step(self):
-        for i, p in enumerate(self.params):
-            self.state[i]["step"] += 1
-            self._update(i, p.array, p.grad)
+        for st in self.state:
+            st["step"] += 1
+        steps = {st["step"] for st in self.state}
+        if len(steps) == 1:  # the usual case: one foreach update of every parameter
+            self._update(range(len(self.params)), steps.pop())
+        else:  # (a state_dict can give parameters different step counts)
+            for step in sorted(steps):
+                self._update([i for i, st in enumerate(self.state) if st["step"] == step], step)
         fk.background.compile_recorded()  # a no-op unless the first step ran on NumPy
+
+    def _arrays(self, idx):
+        """The parameters ``idx`` and their gradients, as the update kernels take them."""
+        return [self.params[i].array for i in idx], [self.params[i].grad for i in idx]
+
+    def _buffers(self, idx, name, needed=True):
+        return [self._buffer(i, name) for i in idx] if needed else None
 
     def state_dict(self) -> dict:
         """``{"type", "lr", "initial_lr", "hyper", "state": [{"step": n, name: array, ...}]}``."""
@@ -108,12 +120,12 @@ class SGD(Optimizer):
                          weight_decay=_check_hyper("weight_decay", weight_decay),
                          l1=_check_hyper("l1", l1), l2=_check_hyper("l2", l2))
 
-    def _update(self, i, p, g):
+    def _update(self, idx, step):
         h = self.hyper
-        buf = self._buffer(i, "momentum_buffer") if h["momentum"] else None
-        fk.sgd_update(p, g, buf, lr=self.lr, momentum=h["momentum"], dampening=h["dampening"],
-                      nesterov=h["nesterov"], weight_decay=h["weight_decay"] + h["l2"],
-                      l1=h["l1"], first_step=self.state[i]["step"] == 1)
+        fk.sgd_update_foreach(*self._arrays(idx), self._buffers(idx, "momentum_buffer", h["momentum"]),
+                              lr=self.lr, momentum=h["momentum"], dampening=h["dampening"],
+                              nesterov=h["nesterov"], weight_decay=h["weight_decay"] + h["l2"],
+                              l1=h["l1"], first_step=step == 1)
 
 
 class Adam(Optimizer):
@@ -129,13 +141,13 @@ class Adam(Optimizer):
                              "weight_decay", weight_decay), amsgrad=bool(amsgrad),
                          l1=_check_hyper("l1", l1), l2=_check_hyper("l2", l2))
 
-    def _update(self, i, p, g):
+    def _update(self, idx, step):
         h = self.hyper
         wd = h["weight_decay"]
-        fk.adam_update(
-            p, g, self._buffer(i, "exp_avg"), self._buffer(i, "exp_avg_sq"),
-            self._buffer(i, "max_exp_avg_sq") if h["amsgrad"] else None,
-            step=self.state[i]["step"], lr=self.lr, beta1=h["beta1"], beta2=h["beta2"],
+        fk.adam_update_foreach(
+            *self._arrays(idx), self._buffers(idx, "exp_avg"), self._buffers(idx, "exp_avg_sq"),
+            self._buffers(idx, "max_exp_avg_sq", h["amsgrad"]),
+            step=step, lr=self.lr, beta1=h["beta1"], beta2=h["beta2"],
             eps=h["eps"], weight_decay=h["l2"] + (0.0 if self.decoupled else wd),
             decoupled_weight_decay=wd if self.decoupled else 0.0, l1=h["l1"],
             amsgrad=h["amsgrad"])
@@ -162,12 +174,12 @@ class RMSprop(Optimizer):
                          momentum=_check_hyper("momentum", momentum), centered=bool(centered),
                          l1=_check_hyper("l1", l1), l2=_check_hyper("l2", l2))
 
-    def _update(self, i, p, g):
+    def _update(self, idx, step):
         h = self.hyper
-        fk.rmsprop_update(
-            p, g, self._buffer(i, "square_avg"),
-            self._buffer(i, "grad_avg") if h["centered"] else None,
-            self._buffer(i, "momentum_buffer") if h["momentum"] > 0 else None,
+        fk.rmsprop_update_foreach(
+            *self._arrays(idx), self._buffers(idx, "square_avg"),
+            self._buffers(idx, "grad_avg", h["centered"]),
+            self._buffers(idx, "momentum_buffer", h["momentum"] > 0),
             lr=self.lr, alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"] + h["l2"],
             l1=h["l1"], momentum=h["momentum"], centered=h["centered"])
 

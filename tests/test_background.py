@@ -99,7 +99,7 @@ def test_a_models_training_step_records_and_the_optimizer_step_starts_the_compil
     opt.step()
     names = [c[0] for child in FakeChild.started for c in child.calls()]
     assert {"conv2d", "conv2d_backward", "linear", "linear_backward", "softmax_cross_entropy",
-            "sgd_update"} <= set(names)
+            "sgd_update_foreach"} <= set(names)
     assert background._recording is None
 
 
@@ -125,8 +125,8 @@ def test_the_first_step_on_numpy_gives_the_kernels_gradients(cold, monkeypatch):
 
 def test_a_child_replays_the_calls_into_the_numba_cache(tmp_path):
     calls = [("relu", [background._spec(np.ones((3, 5), np.float64))], {}),
-             ("sgd_update", [background._spec(np.ones(7, np.float64)), background._spec(np.ones(7, np.float64))],
-              {"lr": 0.1})]
+             ("sgd_update_foreach", [background._spec([np.ones(7, np.float64)]),
+                                     background._spec([np.ones(7, np.float64)])], {"lr": 0.1})]
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", "from fastkern import background; background._replay()"],
                        input=json.dumps(calls), text=True, env=env, capture_output=True, timeout=600)

@@ -129,3 +129,17 @@ def test_optimizer_argument_errors():
         models.SGD([], lr=0.1)
     with pytest.raises(ValueError, match="state_dict is for"):
         models.Adam(params).load_state_dict(models.SGD(params, lr=0.1).state_dict())
+
+
+def test_parameters_at_different_step_counts_each_get_their_own_update():
+    # a state_dict can hold different step counts: each group of parameters is updated with its own
+    a, b = models.Parameter(np.ones(3, np.float32)), models.Parameter(np.ones(2, np.float32))
+    opt = models.SGD([a, b], lr=0.1, momentum=0.9)
+    sd = opt.state_dict()
+    sd["state"][1] = {"step": 1, "momentum_buffer": np.full(2, 5.0, np.float32)}
+    opt.load_state_dict(sd)
+    a.grad, b.grad = np.full(3, 2.0, np.float32), np.full(2, 2.0, np.float32)
+    opt.step()
+    np.testing.assert_allclose(a.array, 1 - 0.1 * 2.0)  # first step: buf = grad
+    np.testing.assert_allclose(b.array, 1 - 0.1 * (0.9 * 5.0 + 2.0), rtol=1e-6)  # buf = 0.9 buf + grad
+    assert [s["step"] for s in opt.state] == [1, 2]

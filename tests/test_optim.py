@@ -195,3 +195,71 @@ def test_bad_arguments_raise_clear_errors():
         fk.adam_update(p, g, p.copy(), p.copy(), step=1, amsgrad=True)
     with pytest.raises(ValueError, match="alpha"):
         fk.rmsprop_update(p, g, p.copy(), alpha=1.5)
+
+
+# ---------------------------------------------------------------- foreach: many parameters in one call
+
+def _params_of(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+FOREACH_SHAPES = [(6, 1, 5, 5), (6,), (120, 400), (1,), (0,), (PARALLEL_MIN_SIZE + 3,)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
+def test_a_foreach_update_is_one_update_per_parameter_bit_for_bit(dtype, kind):
+    ps, gs = _params_of(FOREACH_SHAPES, dtype, 0), _params_of(FOREACH_SHAPES, dtype, 1)
+    qs = [p.copy() for p in ps]
+    n_states = {"sgd": 1, "adam": 3, "rmsprop": 3}[kind]
+    s1 = [[np.abs(a) for a in _params_of(FOREACH_SHAPES, dtype, 2 + j)] for j in range(n_states)]
+    s2 = [[a.copy() for a in lst] for lst in s1]
+    for step in (1, 2):
+        if kind == "sgd":
+            kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, l1=1e-3, first_step=step == 1)
+            fk.sgd_update_foreach(ps, gs, s1[0], **kw)
+            for p, g, b in zip(qs, gs, s2[0]):
+                fk.sgd_update(p, g, b, **kw)
+        elif kind == "adam":
+            kw = dict(step=step, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=1e-3, l1=1e-4, amsgrad=True)
+            fk.adam_update_foreach(ps, gs, *s1, **kw)
+            for p, g, m, v, vm in zip(qs, gs, *s2):
+                fk.adam_update(p, g, m, v, vm, **kw)
+        else:
+            kw = dict(lr=1e-2, momentum=0.5, centered=True, weight_decay=1e-2, l1=1e-4)
+            fk.rmsprop_update_foreach(ps, gs, s1[0], s1[1], s1[2], **kw)
+            for p, g, sq, ga, b in zip(qs, gs, *s2):
+                fk.rmsprop_update(p, g, sq, ga, b, **kw)
+    for a, b in zip(ps + sum(s1, []), qs + sum(s2, [])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_foreach_update_matches_the_reference_formula():
+    ps, gs = _params_of([(4, 5), (5,)], np.float64, 0), _params_of([(4, 5), (5,)], np.float64, 1)
+    want = [_ref_sgd(p.ravel(), [g.ravel()], 0.1, 0.0, 0.0, False, 1e-2, 0.0).reshape(p.shape) for p, g in zip(ps, gs)]
+    fk.sgd_update_foreach(ps, gs, lr=0.1, weight_decay=1e-2)
+    for p, w in zip(ps, want):
+        np.testing.assert_allclose(p, w, rtol=1e-12)
+
+
+def test_a_foreach_update_checks_everything_before_changing_anything():
+    ps = [np.ones(3, np.float32), np.ones(4, np.float32)]
+    before = [p.copy() for p in ps]
+    good, bad = np.ones(3, np.float32), np.ones(5, np.float32)
+    with pytest.raises(ValueError, match=r"params\[1\].*grad must match param"):
+        fk.sgd_update_foreach(ps, [good, bad], lr=0.1)
+    with pytest.raises(ValueError, match="grads has 1 arrays for 2 params"):
+        fk.sgd_update_foreach(ps, [good], lr=0.1)
+    with pytest.raises(TypeError, match="momentum_buffers must be a list or tuple"):
+        fk.sgd_update_foreach(ps, [good, np.ones(4, np.float32)], np.ones(3, np.float32), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"params\[0\].*momentum_buffer must match"):
+        fk.sgd_update_foreach(ps, [good, np.ones(4, np.float32)], [bad, bad], lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match=r"params\[1\].*float32 or float64"):
+        fk.adam_update_foreach([ps[0], np.ones(4, np.int32)], [good, good], [good, good], [good, good], step=1)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        fk.rmsprop_update_foreach(ps, [good, np.ones(4, np.float32)], [good, np.ones(4, np.float32)], lr=-1.0)
+    with pytest.raises(TypeError, match="params must be a list or tuple"):
+        fk.sgd_update_foreach(ps[0], [good], lr=0.1)
+    for p, b in zip(ps, before):
+        np.testing.assert_array_equal(p, b)
