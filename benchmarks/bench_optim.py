@@ -38,3 +38,29 @@ class OptimizerUpdate:
         else:
             fastkern.rmsprop_update(p, g, s[0], s[1], s[2], momentum=0.9, centered=True)
         self.step += 1
+
+
+class ForeachUpdateOfLeNet5Parameters:
+    """One foreach update of LeNet-5's ten parameters (62k float32 elements), as a training step
+    makes it: the scalars checked once, one kernel per parameter."""
+
+    params = (["sgd", "adam", "rmsprop"], THREADS)
+    param_names = ["update", "threads"]
+
+    def setup(self, update, threads):
+        from models import LeNet5
+        fastkern.set_num_threads(threads)
+        rng = np.random.default_rng(0)
+        self.p = [p.array.copy() for p in LeNet5(seed=0).parameters()]
+        self.g = [rng.standard_normal(p.shape).astype(np.float32) for p in self.p]
+        self.s = [[np.zeros_like(p) for p in self.p] for _ in range(3)]
+        self.time_update(update, threads)  # compiles (or loads) the kernels
+
+    def time_update(self, update, threads):
+        p, g, s = self.p, self.g, self.s
+        if update == "sgd":
+            fastkern.sgd_update_foreach(p, g, s[0], lr=1e-3, momentum=0.9)
+        elif update == "adam":
+            fastkern.adam_update_foreach(p, g, s[0], s[1], step=1)
+        else:
+            fastkern.rmsprop_update_foreach(p, g, s[0], lr=1e-3, momentum=0.9, centered=False)

@@ -213,7 +213,8 @@ def test_a_foreach_update_is_one_update_per_parameter_bit_for_bit(dtype, kind):
     ps, gs = _params_of(FOREACH_SHAPES, dtype, 0), _params_of(FOREACH_SHAPES, dtype, 1)
     qs = [p.copy() for p in ps]
     n_states = {"sgd": 1, "adam": 3, "rmsprop": 3}[kind]
-    s1 = [[np.abs(a) for a in _params_of(FOREACH_SHAPES, dtype, 2 + j)] for j in range(n_states)]
+    s1 = [[np.abs(a) + 1 if j != 1 else a / 10 for a in _params_of(FOREACH_SHAPES, dtype, 2 + j)]
+          for j in range(n_states)]
     s2 = [[a.copy() for a in lst] for lst in s1]
     for step in (1, 2):
         if kind == "sgd":
@@ -232,6 +233,7 @@ def test_a_foreach_update_is_one_update_per_parameter_bit_for_bit(dtype, kind):
             for p, g, sq, ga, b in zip(qs, gs, *s2):
                 fk.rmsprop_update(p, g, sq, ga, b, **kw)
     for a, b in zip(ps + sum(s1, []), qs + sum(s2, [])):
+        assert np.isfinite(a).all()
         np.testing.assert_array_equal(a, b)
 
 
@@ -263,3 +265,26 @@ def test_a_foreach_update_checks_everything_before_changing_anything():
         fk.sgd_update_foreach(ps[0], [good], lr=0.1)
     for p, b in zip(ps, before):
         np.testing.assert_array_equal(p, b)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop"])
+def test_a_foreach_update_matches_its_numpy_version(kind):
+    from fastkern import reference
+    shapes = [(16, 6, 5, 5), (16,), (84, 120)]
+    ps, gs = _params_of(shapes, np.float64, 0), _params_of(shapes, np.float64, 1)
+    qs = [p.copy() for p in ps]
+    # state as a run leaves it: square averages well above the squared mean gradient
+    s1 = [[np.abs(a) + 1.0 if j != 1 else 0.1 * a for a in _params_of(shapes, np.float64, 2 + j)] for j in range(3)]
+    s2 = [[a.copy() for a in lst] for lst in s1]
+    for step in (1, 2, 3):
+        for mod, p, s in ((fk, ps, s1), (reference, qs, s2)):
+            if kind == "sgd":
+                mod.sgd_update_foreach(p, gs, s[0], lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2,
+                                       first_step=step == 1)
+            elif kind == "adam":
+                mod.adam_update_foreach(p, gs, s[0], s[1], s[2], step=step, lr=1e-2, l1=1e-3, amsgrad=True)
+            else:
+                mod.rmsprop_update_foreach(p, gs, s[0], s[1], s[2], lr=1e-2, momentum=0.5, centered=True)
+    for a, b in zip(ps + sum(s1, []), qs + sum(s2, [])):
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
