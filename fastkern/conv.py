@@ -57,9 +57,9 @@ from numba import njit, prange
 
 from ._checks import check_array, check_same_dtype, plain, remember
 from ._codegen import vectorized, zeros
-from .gemm import (DOT_R, DOT_S, NR, _bias_relu_vector, _cdiv, _channel_panel, _claim, _lanes, _mr, _pack_a,
+from .gemm import (DOT_SHAPES, NR, _bias_relu_vector, _cdiv, _channel_panel, _claim, _lanes, _mr, _pack_a,
                    _stack_array, _tail,
-                   _tile_rows, borrowed, dot_tile,
+                   _tile_rows, borrowed, dot_tile, dot_tile_3x5,
                    tiles_a_rows, tiles_b_panels, tiles_b_rows)
 from .im2col import gather_rows, lift3, make_geo, scatter_rows, spatial_params
 from .pool import _max_2x2_back_row, _max_2x2_row
@@ -80,6 +80,8 @@ _IM2COL_COST = 16
 # per-lane partial sums fit this (narrow layers, where an NR-wide tile of
 # output channels would be mostly padding), NR-wide tiles otherwise.
 _DOT_PARTIAL_BYTES = 256 << 10
+# Their shape (gemm.DOT_SHAPES): None picks the one that pads (Mg, K) least, tests force one.
+_DOT_SHAPE = None
 # The inner-product tiles of the weight gradient reduce over at least this many vectors
 # when samples are short (whole samples staged per thread, see _Plan): fewer, and loading
 # and storing the partial sums dominates; many more, and the staged samples leave L1.
@@ -462,17 +464,27 @@ def _forward_kernel(x, wpk, bias, has_bias, relu, y, pooled, pidx, ws, boffs, go
                                 _bias_relu_vector(yrow, (r0 + rr) * ow + e, cbuf, c0 + e, ow - e, bv, relu)
 
 
+@njit(inline="always")
+def _dot_shape(dwp, vl):
+    """(rows, columns) of the inner-product tiles whose partials ``dwp`` holds (R*S*VL per tile)."""
+    return DOT_SHAPES[1] if dwp.shape[-1] == DOT_SHAPES[1][0] * DOT_SHAPES[1][1] * vl else DOT_SHAPES[0]
+
+
 @njit(cache=True, _nrt=False)
 def _dot_tiles(g, n_runs, dyw, dystep, src, sstep, aoffs, toffs, dwp_g, mg, k, ld, gstride, jb, lpad, boffs):
     """dW[g] += dyw[g] @ cols.T over ``n_runs`` samples, both read in place (inner-product tiles)."""
     vl = _lanes(dyw)
+    tr, ts = _dot_shape(dwp_g, vl)
     for i in range(dwp_g.shape[0]):
-        for r in range(DOT_R):
-            aoffs[r] = (g * mg + min(i * DOT_R + r, mg - 1)) * ld
+        for r in range(tr):
+            aoffs[r] = (g * mg + min(i * tr + r, mg - 1)) * ld
         for j in range(dwp_g.shape[1]):
-            for s_ in range(DOT_S):
-                toffs[s_] = g * gstride + jb + boffs[min(j * DOT_S + s_, k - 1)]
-            dot_tile(lpad // vl, n_runs, dyw, aoffs, dystep, src, toffs, sstep, dwp_g[i, j], 0)
+            for s_ in range(ts):
+                toffs[s_] = g * gstride + jb + boffs[min(j * ts + s_, k - 1)]
+            if tr == DOT_SHAPES[0][0]:
+                dot_tile(lpad // vl, n_runs, dyw, aoffs, dystep, src, toffs, sstep, dwp_g[i, j], 0)
+            else:
+                dot_tile_3x5(lpad // vl, n_runs, dyw, aoffs, dystep, src, toffs, sstep, dwp_g[i, j], 0)
 
 
 @njit(parallel=True, cache=True)
@@ -521,8 +533,8 @@ def _backward_kernel(gy, yr, relu, pidx, pooled, nbad, x, wtpk, dx, dwt, dwp, db
         tile = buf[o:]
         dwt_t = dwt[t]
         dot = dwp.size > 0
-        aoffs = np.empty(DOT_R, np.int64)
-        toffs = np.empty(DOT_S, np.int64)
+        aoffs = np.empty(8, np.int64)  # rows, columns of an inner-product tile (DOT_SHAPES)
+        toffs = np.empty(8, np.int64)
         win = np.empty(rt, np.int64)
         ocol = np.empty(rt, np.int64)
         xgs[:] = zero
@@ -756,7 +768,7 @@ def _call_key(arrays, params):
         return None
     # the tunables below are in the key too: tests change them to force each path
     sig = [get_num_threads(), _FORCE, _THREAD_BYTES, _MAX_WORKSPACE_BYTES, _IM2COL_COST, _DOT_PARTIAL_BYTES,
-           _STAGE_VECTORS, _FOLD_COST, _DX_GATHER, _WINOGRAD]
+           _DOT_SHAPE, _STAGE_VECTORS, _FOLD_COST, _DX_GATHER, _WINOGRAD]
     for a in arrays:
         if a is None:
             sig.append(None)
@@ -799,8 +811,11 @@ class _Call:
         if backward:
             _, mg, k = self.w3_shape
             lanes = 64 // dtype.itemsize
-            self.n_rt, self.n_st = -(-mg // DOT_R), -(-k // DOT_S)
-            self.dot = self.n_rt * self.n_st * DOT_R * DOT_S * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
+            # the inner-product tile shape that pads (Mg, K) least (the first on ties)
+            self.dot_shape = _DOT_SHAPE or min(DOT_SHAPES, key=lambda rs: -(-mg // rs[0]) * rs[0] * -(-k // rs[1]) * rs[1])
+            r, s = self.dot_shape
+            self.n_rt, self.n_st = -(-mg // r), -(-k // s)
+            self.dot = self.n_rt * self.n_st * r * s * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES
         if n and c_out:
             self.plan = _Plan(self.x5_shape, self.w3_shape, self.geo, dtype, n_threads, backward,
                               min_bands=-(-n_threads // n), dot=self.dot, pooled=pooled)
@@ -868,17 +883,18 @@ def _sum_partials(dwt, dwp, db, grad_w, grad_b):
     mg, k = grad_w.shape[1], grad_w.shape[2]
     zero = grad_w.dtype.type(0)
     if dwp.size > 0:
-        vl = dwp.shape[4] // (DOT_R * DOT_S)
+        tr, ts = _dot_shape(dwp, _lanes(dwp))
+        vl = _lanes(dwp)
         grad_w[:] = zero
         for t in range(n_threads):  # tile by tile: each partial is read once, in order
             for g in range(n_groups):
                 for i in range(dwp.shape[2]):
                     for j in range(dwp.shape[3]):
                         part = dwp[t, g, i, j]
-                        for r in range(min(DOT_R, mg - i * DOT_R)):
-                            for s in range(min(DOT_S, k - j * DOT_S)):
-                                grad_w[g, i * DOT_R + r, j * DOT_S + s] += _sum_span(
-                                    part[(r * DOT_S + s) * vl:(r * DOT_S + s + 1) * vl])
+                        for r in range(min(tr, mg - i * tr)):
+                            for s in range(min(ts, k - j * ts)):
+                                grad_w[g, i * tr + r, j * ts + s] += _sum_span(
+                                    part[(r * ts + s) * vl:(r * ts + s + 1) * vl])
     else:
         for g in range(n_groups):
             for co in range(mg):
@@ -935,7 +951,8 @@ def _conv_backward(nd, grad_y, x, weight, stride, padding, dilation, groups, bia
     lanes = 64 // dtype.itemsize
     dot, n_rt, n_st = call.dot, call.n_rt, call.n_st
     dwt = np.zeros((n_threads, n_groups) + ((0, 0) if dot else (_round_up_py(k, mr), _round_up_py(mg, NR))), dtype)
-    dwp = np.zeros((n_threads, n_groups) + ((n_rt, n_st, DOT_R * DOT_S * lanes) if dot else (0, 0, 0)), dtype)
+    dwp = np.zeros((n_threads, n_groups) + ((n_rt, n_st, call.dot_shape[0] * call.dot_shape[1] * lanes) if dot
+                                            else (0, 0, 0)), dtype)
     db = np.zeros((n_threads, n_groups * mg), dtype)
     if plan is not None and grad_y.size:
         x5 = np.ascontiguousarray(x).reshape(call.x5_shape)
