@@ -842,3 +842,35 @@ def test_gathered_grad_input_through_relu_and_max_pool_matches_reference(x_shape
     np.testing.assert_allclose(dx, naive_conv_grad_x(gy, w, x_shape, **args), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dw, naive_conv_grad_w(gy, x, w, **args), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(db, gy.sum(axis=(0, 2, 3)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dot_shape", conv_mod.DOT_SHAPES)
+@pytest.mark.parametrize("c_out, c_in, k, samples, dtype", [(6, 1, 5, 5, np.float64), (7, 2, 3, 4, np.float64),
+                                                            (1, 3, 3, 2, np.float64), (16, 6, 5, 3, np.float64),
+                                                            (6, 1, 5, 5, np.float32)])
+def test_weight_gradient_by_each_inner_product_tile_matches_reference(dot_shape, c_out, c_in, k, samples, dtype,
+                                                                      monkeypatch):
+    # both tile shapes on every remainder of rows (output channels) and columns (taps),
+    # one sample per pass and several staged
+    monkeypatch.setattr(conv_mod, "_DOT_SHAPE", dot_shape)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((samples, c_in, 12, 11)).astype(dtype)
+    w = rng.standard_normal((c_out, c_in, k, k)).astype(dtype)
+    gy = rng.standard_normal((samples, c_out, 12 - k + 3, 11 - k + 3)).astype(dtype)
+    t = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+    for stage_vectors in (1, 1 << 20):
+        monkeypatch.setattr(conv_mod, "_STAGE_VECTORS", stage_vectors)
+        with fastkern.threads(2):
+            dx, dw, db = fastkern.conv2d_backward(gy, x, w, padding=1)
+        call = list(conv_mod._CALLS.values())[-1]
+        assert call.dot and call.dot_shape == dot_shape
+        np.testing.assert_allclose(dw, naive_conv_grad_w(gy, x, w, 1, padding=1), **t)
+        np.testing.assert_allclose(db, gy.sum(axis=(0, 2, 3)), **t)
+        np.testing.assert_allclose(dx, naive_conv_grad_x(gy, w, x.shape, 1, 1, 1, 1), **t)
+
+
+def test_the_inner_product_tile_is_the_one_that_pads_least():
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    assert conv_mod._Call(2, x, np.zeros((6, 1, 5, 5), np.float32), None, 1, 2, 1, 1, "c", True).dot_shape == (3, 5)
+    x = np.zeros((2, 6, 14, 14), np.float32)
+    assert conv_mod._Call(2, x, np.zeros((16, 6, 5, 5), np.float32), None, 1, 0, 1, 1, "c", True).dot_shape == (4, 4)
