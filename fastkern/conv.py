@@ -812,7 +812,8 @@ class _Call:
             _, mg, k = self.w3_shape
             lanes = 64 // dtype.itemsize
             # the inner-product tile shape that pads (Mg, K) least (the first on ties)
-            self.dot_shape = _DOT_SHAPE or min(DOT_SHAPES, key=lambda rs: -(-mg // rs[0]) * rs[0] * -(-k // rs[1]) * rs[1])
+            self.dot_shape = _DOT_SHAPE or min(
+                DOT_SHAPES, key=lambda rs: _round_up_py(mg, rs[0]) * _round_up_py(k, rs[1]))
             r, s = self.dot_shape
             self.n_rt, self.n_st = -(-mg // r), -(-k // s)
             self.dot = self.n_rt * self.n_st * r * s * lanes * dtype.itemsize <= _DOT_PARTIAL_BYTES

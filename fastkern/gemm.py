@@ -1140,7 +1140,8 @@ def gemm_serial(a, b, c, alpha, beta):
 
 
 for _d in (gemm_serial, _gemm_flat_parallel, _claimed_row_blocks, _gemm_flat_serial, _gemm_packed, _macro_kernel,
-           _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, dot_tile_3x5, _pack_a, _pack_b_panel, _pack_b, _direct_pack,
+           _macro_kernel_packing, _direct_rows, _micro_kernel, dot_tile, dot_tile_3x5, _pack_a, _pack_b_panel, _pack_b,
+           _direct_pack,
            tiles_b_rows, tiles_b_panels, tiles_a_rows, _micro_kernel_narrow, _micro_kernel_half,
            _micro_kernel_wide, _channel_panel):
     vectorized(_d)

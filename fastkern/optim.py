@@ -369,9 +369,9 @@ def rmsprop_update(param, grad, square_avg, grad_avg=None, momentum_buffer=None,
 
 
 # ------------------------------------------------------------- many parameters at once
-# A training step updates every parameter with the same scalars. Checking those once, and
-# each parameter's arrays only, takes a LeNet-5 step's ten SGD updates from about 80 us of
-# Python and launches to a fifth of that; the kernels and their results are the same.
+# A training step updates every parameter with the same scalars: checking those once, and
+# then each parameter's arrays only, took a LeNet-5 step's ten SGD updates (in cache) from
+# 48 us as ten sgd_update calls to 36 us as one call. The kernels and results are the same.
 
 def _lists(params, **states):
     """``params`` and each state list checked to be equal-length lists or tuples (a state of
