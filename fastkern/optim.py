@@ -398,10 +398,17 @@ def _checked(i, check, *args):
         raise type(e)(f"params[{i}]: {e}") from None
 
 
-def _hyper_by_dtype(make, params):
-    """One packed-scalars array per float dtype among ``params`` (checked by ``make``)."""
+def _foreach(params, make, check, run, **states):
+    """The foreach driver: the state lists checked against ``params``, the scalars packed by
+    ``make(dtype)`` once per float dtype among them, every parameter's arrays by ``check``
+    (errors naming the parameter), and only then ``run(*arrays, scalars)`` on each."""
+    lists = _lists(params, **states)
     dtypes = {p.dtype for p in params if isinstance(p, np.ndarray) and p.dtype in FLOAT_DTYPES}
-    return {dt: make(dt) for dt in dtypes or {_F32}}
+    hps = {dt: make(dt) for dt in dtypes or {_F32}}
+    work = [_checked(i, check, params[i], *(lst[i] for lst in lists)) for i in range(len(params))]
+    for arrays in work:
+        run(*arrays, hps[arrays[0].dtype])
+    return params
 
 
 def sgd_update_foreach(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
@@ -413,15 +420,13 @@ def sgd_update_foreach(params, grads, momentum_buffers=None, *, lr, momentum=0.0
     Everything is checked before any parameter changes; the result is that of
     one :func:`sgd_update` per parameter, bit for bit.
     """
-    grads, bufs = _lists(params, grads=grads, momentum_buffers=momentum_buffers)
-    hps = _hyper_by_dtype(lambda dt: _sgd_hyper(dt, lr, momentum, dampening, nesterov, weight_decay, l1,
-                                                first_step), params)
-    use_buf = next(iter(hps.values()))[1]
-    work = [_checked(i, lambda p, g, b: _flat_param_grad(p, g) + (_flat_state(p, "momentum_buffer", b, use_buf),),
-                     params[i], grads[i], bufs[i]) for i in range(len(params))]
-    for p, g, buf in work:
-        _sgd_run(p, g, buf, hps[p.dtype][0])
-    return params
+    def make(dt):
+        return _sgd_hyper(dt, lr, momentum, dampening, nesterov, weight_decay, l1, first_step)[0]
+
+    def check(p, g, b):
+        return _flat_param_grad(p, g) + (_flat_state(p, "momentum_buffer", b, momentum != 0.0),)
+
+    return _foreach(params, make, check, _sgd_run, grads=grads, momentum_buffers=momentum_buffers)
 
 
 def adam_update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
@@ -429,40 +434,31 @@ def adam_update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=No
                         l1=0.0, amsgrad=False):
     """:func:`adam_update` on each parameter of a list with the same scalars and ``step``
     (torch's ``foreach``); the lists as in :func:`sgd_update_foreach`."""
-    grads, ms, vs, vmaxs = _lists(params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                                  max_exp_avg_sqs=max_exp_avg_sqs)
-    hps = _hyper_by_dtype(lambda dt: _adam_hyper(dt, step, lr, beta1, beta2, eps, weight_decay,
-                                                 decoupled_weight_decay, l1, amsgrad), params)
+    def make(dt):
+        return _adam_hyper(dt, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, l1, amsgrad)
 
     def check(p, g, m, v, vmax):
         return _flat_param_grad(p, g) + (_flat_state(p, "exp_avg", m, True), _flat_state(p, "exp_avg_sq", v, True),
                                          _flat_state(p, "max_exp_avg_sq", vmax, bool(amsgrad)))
 
-    work = [_checked(i, check, params[i], grads[i], ms[i], vs[i], vmaxs[i]) for i in range(len(params))]
-    for p, g, m, v, vmax in work:
-        _adam_run(p, g, m, v, vmax, hps[p.dtype])
-    return params
+    return _foreach(params, make, check, _adam_run, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                    max_exp_avg_sqs=max_exp_avg_sqs)
 
 
 def rmsprop_update_foreach(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None, *, lr=1e-2,
                            alpha=0.99, eps=1e-8, weight_decay=0.0, l1=0.0, momentum=0.0, centered=False):
     """:func:`rmsprop_update` on each parameter of a list with the same scalars (torch's
     ``foreach``); the lists as in :func:`sgd_update_foreach`."""
-    grads, sqs, gavgs, bufs = _lists(params, grads=grads, square_avgs=square_avgs, grad_avgs=grad_avgs,
-                                     momentum_buffers=momentum_buffers)
-    hps = _hyper_by_dtype(lambda dt: _rmsprop_hyper(dt, lr, alpha, eps, weight_decay, l1, momentum, centered),
-                          params)
-    use_buf = next(iter(hps.values()))[1]
+    def make(dt):
+        return _rmsprop_hyper(dt, lr, alpha, eps, weight_decay, l1, momentum, centered)[0]
 
     def check(p, g, sq, gavg, buf):
         return _flat_param_grad(p, g) + (_flat_state(p, "square_avg", sq, True),
                                          _flat_state(p, "grad_avg", gavg, bool(centered)),
-                                         _flat_state(p, "momentum_buffer", buf, use_buf))
+                                         _flat_state(p, "momentum_buffer", buf, momentum > 0.0))
 
-    work = [_checked(i, check, params[i], grads[i], sqs[i], gavgs[i], bufs[i]) for i in range(len(params))]
-    for p, g, sq, gavg, buf in work:
-        _rmsprop_run(p, g, sq, gavg, buf, hps[p.dtype][0])
-    return params
+    return _foreach(params, make, check, _rmsprop_run, grads=grads, square_avgs=square_avgs, grad_avgs=grad_avgs,
+                    momentum_buffers=momentum_buffers)
 
 
 def _warmup(dtype):

@@ -2,7 +2,8 @@
 
 torch.optim's update formulas and defaults; each ``step()`` is one foreach call
 (``fastkern.sgd_update_foreach`` etc.: the scalars checked once, then one fused
-kernel per parameter), so there are no per-step temporaries. All parameters form a single group with one ``lr``.
+kernel per parameter), so there are no per-step temporaries. All parameters form
+a single group with one ``lr``.
 
 Regularization on every optimizer: ``weight_decay`` (torch's meaning: coupled
 L2 for SGD/Adam/RMSprop, decoupled for AdamW), plus ``l1`` and ``l2`` that add
